@@ -1,0 +1,79 @@
+"""``cs-helpers``: the course's commands.
+
+    cs-helpers walkthrough [--out DIR] [NOTEBOOK ...]
+    cs-helpers release --out DIR
+    cs-helpers grade SUBMISSION.ipynb ... [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _walkthrough(args) -> int:
+    from .course import walkthrough
+
+    rows = walkthrough(args.out, args.notebooks or None)
+    width = max([len(r.notebook) for r in rows] + [8])
+    print(f"{'notebook':<{width}}  {'seconds':>8}  status")
+    for r in rows:
+        print(f"{r.notebook:<{width}}  {r.seconds:8.1f}  {r.status}")
+    print(f"{'total':<{width}}  {sum(r.seconds for r in rows):8.1f}")
+    print(f"Executed notebooks and HTML are in {args.out}")
+    return 0 if all(r.status == "ok" for r in rows) else 1
+
+
+def _release(args) -> int:
+    from .course import release
+
+    out = release(args.out)
+    print(f"Student release written to {out}")
+    return 0
+
+
+def _grade(args) -> int:
+    from .course import grade_submission
+
+    reports, failed = [], False
+    for path in args.submissions:
+        try:
+            reports.append(grade_submission(path).as_dict())
+        except (FileNotFoundError, ValueError, RuntimeError) as exc:
+            failed = True
+            reports.append({"notebook": str(path), "error": str(exc).splitlines()[0]})
+    if args.json:
+        print(json.dumps({"notebooks": reports}, indent=2))
+    else:
+        for report in reports:
+            if "error" in report:
+                print(f"{report['notebook']}: not graded: {report['error']}")
+                continue
+            print(f"{report['notebook']} ({report['assignment']}): "
+                  f"{report['score']:g} / {report['max_score']:g}  [{report['seconds']} s]")
+            for cell in report["cells"]:
+                print(f"  {cell['grade_id']:<32} {cell['score']:g} / {cell['max_score']:g}")
+    return 1 if failed else 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="cs-helpers", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    walk = sub.add_parser("walkthrough", help="execute the source notebooks into build/walkthrough")
+    walk.add_argument("--out", type=Path, default=Path("build") / "walkthrough")
+    walk.add_argument("notebooks", nargs="*", type=Path)
+    walk.set_defaults(run=_walkthrough)
+    rel = sub.add_parser("release", help="write the student version")
+    rel.add_argument("--out", type=Path, default=Path("build") / "release")
+    rel.set_defaults(run=_release)
+    grade = sub.add_parser("grade", help="autograde submitted notebooks")
+    grade.add_argument("submissions", nargs="+", type=Path)
+    grade.add_argument("--json", action="store_true", help="print a machine-readable report")
+    grade.set_defaults(run=_grade)
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""The course's commands: grade submissions, write the student release, run the
+walkthrough. ``cs-helpers`` (cs_helpers.cli) and the tests call these functions.
+
+Grading drives nbgrader's own pipeline through its Python API in a temporary course
+directory: ``generate_assignment`` on the source notebook, then ``autograde`` on the
+submission, then the scores are read from the gradebook.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
+STUDENT_ID = "student"
+
+
+def source_notebooks(notebooks_dir: Path = NOTEBOOKS_DIR) -> list[Path]:
+    """The source notebooks, in course order (``NN_topic/topic.ipynb``)."""
+    return sorted(p for p in Path(notebooks_dir).glob("[0-9][0-9]_*/*.ipynb")
+                  if ".ipynb_checkpoints" not in p.parts)
+
+
+def find_source(submission: Path, notebooks_dir: Path = NOTEBOOKS_DIR) -> Path:
+    """The source notebook with the same file name as ``submission``."""
+    matches = [p for p in source_notebooks(notebooks_dir) if p.name == Path(submission).name]
+    if not matches:
+        known = ", ".join(p.name for p in source_notebooks(notebooks_dir)) or "none"
+        raise ValueError(f"no source notebook is named {Path(submission).name!r}; the course has: {known}")
+    return matches[0]
+
+
+@contextlib.contextmanager
+def _venv_on_path():
+    """nbgrader runs ``alembic`` from PATH when it creates a gradebook: put this
+    interpreter's bin/ first."""
+    old = os.environ.get("PATH", "")
+    os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + old
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = old
+
+
+def _api(root: Path, source_directory: str, trusted: bool = True):
+    from nbgrader.apps import NbGraderAPI
+    from traitlets.config import Config
+
+    from .grading.nbgrader_settings import configure
+
+    config = Config()
+    configure(config, root=str(root), source_directory=source_directory)
+    config.Exchange.root = str(root / "exchange")
+    config.CourseDirectory.course_id = "course"
+    config.TrustedScores.enabled = trusted
+    return NbGraderAPI(config=config)
+
+
+def _check(result: dict, what: str) -> None:
+    if not result.get("success"):
+        log = (result.get("log") or "") + (result.get("error") or "")
+        raise RuntimeError(f"nbgrader {what} failed:\n{log[-3000:]}")
+
+
+@dataclass
+class NotebookScore:
+    notebook: str
+    assignment: str
+    score: float
+    max_score: float
+    cells: list[dict] = field(default_factory=list)  # grade_id, score, max_score, message
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {"notebook": self.notebook, "assignment": self.assignment, "score": self.score,
+                "max_score": self.max_score, "seconds": round(self.seconds, 1), "cells": self.cells}
+
+
+def _messages(autograded: Path) -> dict[str, str]:
+    import nbformat
+
+    out = {}
+    if not autograded.is_file():
+        return out
+    nb = nbformat.read(autograded, as_version=4)
+    for cell in nb.cells:
+        grade_id = cell.get("metadata", {}).get("nbgrader", {}).get("grade_id")
+        if grade_id and cell.cell_type == "code":
+            out[grade_id] = "".join(o.get("text", "") for o in cell.get("outputs", [])
+                                    if o.get("output_type") == "stream" and o.get("name") == "stdout").strip()
+    return out
+
+
+def grade_submission(submission, notebooks_dir: Path = NOTEBOOKS_DIR, workdir=None,
+                     trusted: bool = True) -> NotebookScore:
+    """Autogrades one submitted notebook against the source notebook of the same name.
+
+    The submission is copied into a fresh temporary course directory; nothing is
+    written next to it. Returns the score of every autograded test cell.
+    ``trusted=False`` turns off the trust boundary (stock nbgrader scoring); it exists
+    to demonstrate what the boundary prevents, never for real grading."""
+    from nbgrader.api import Gradebook
+
+    submission = Path(submission)
+    if not submission.is_file():
+        raise FileNotFoundError(f"no submission at {str(submission)!r}")
+    source = find_source(submission, notebooks_dir)
+    assignment = source.parent.name
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="cs-course-", dir=workdir) as tmp, _venv_on_path():
+        root = Path(tmp)
+        shutil.copytree(source.parent, root / "source" / assignment,
+                        ignore=shutil.ignore_patterns(".ipynb_checkpoints", "__pycache__"))
+        api = _api(root, "source", trusted=trusted)
+        _check(api.generate_assignment(assignment, force=True, create=True), "generate_assignment")
+        target = root / "submitted" / STUDENT_ID / assignment
+        target.mkdir(parents=True)
+        shutil.copy(submission, target / source.name)
+        _check(api.autograde(assignment, STUDENT_ID, force=True, create=True), "autograde")
+        messages = _messages(root / "autograded" / STUDENT_ID / assignment / source.name)
+        with Gradebook(f"sqlite:///{root / 'gradebook.db'}") as gb:
+            nb = gb.find_submission_notebook(source.stem, assignment, STUDENT_ID)
+            cells = []
+            for grade in sorted(nb.grades, key=lambda g: g.name):
+                if grade.cell.cell_type != "code":
+                    continue  # written answers are graded by hand
+                cells.append({"grade_id": grade.name, "score": float(grade.score or 0.0),
+                              "max_score": float(grade.max_score), "message": messages.get(grade.name, "")})
+            result = NotebookScore(source.name, assignment, sum(c["score"] for c in cells),
+                                   sum(c["max_score"] for c in cells), cells)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def release(out_dir, notebooks_dir: Path = NOTEBOOKS_DIR) -> Path:
+    """Writes the student release to ``out_dir``: every notebook without solutions or
+    hidden tests (``nbgrader generate_assignment``), and ``cs_helpers`` without
+    ``cs_helpers.reference``, with the files needed to install it."""
+    out_dir = Path(out_dir).resolve()
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{str(out_dir)!r} exists and is not empty; choose a new folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="cs-release-") as tmp, _venv_on_path():
+        root = Path(tmp)
+        shutil.copytree(notebooks_dir, root / "source",
+                        ignore=shutil.ignore_patterns(".ipynb_checkpoints", "__pycache__"))
+        api = _api(root, "source")
+        for notebook in source_notebooks(root / "source"):
+            _check(api.generate_assignment(notebook.parent.name, force=True, create=True), "generate_assignment")
+        shutil.copytree(root / "release", out_dir / "notebooks")
+    shutil.copytree(REPO_ROOT / "cs_helpers", out_dir / "cs_helpers",
+                    ignore=shutil.ignore_patterns("reference", "__pycache__", "*.pyc"))
+    data = REPO_ROOT / "data"
+    if data.is_dir():
+        shutil.copytree(data, out_dir / "data", ignore=shutil.ignore_patterns("downloads"))
+    for name in ("pyproject.toml", "environment.yml", "README.md", "LICENSE"):
+        if (REPO_ROOT / name).is_file():
+            shutil.copy(REPO_ROOT / name, out_dir / name)
+    return out_dir
+
+
+@dataclass
+class WalkthroughRow:
+    notebook: str
+    seconds: float
+    status: str
+
+
+def walkthrough(out_dir=REPO_ROOT / "build" / "walkthrough", notebooks=None,
+                timeout_s: int = 600) -> list[WalkthroughRow]:
+    """Executes every source notebook (with solutions) on the embedded default and
+    writes the executed notebook and its HTML to ``out_dir``."""
+    import nbformat
+    from nbclient import NotebookClient
+    from nbconvert import HTMLExporter
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    paths = [Path(p) for p in notebooks] if notebooks else source_notebooks()
+    with _venv_on_path():
+        for path in paths:
+            nb = nbformat.read(path, as_version=4)
+            start = time.perf_counter()
+            status = "ok"
+            try:
+                NotebookClient(nb, timeout=timeout_s, kernel_name="python3",
+                               resources={"metadata": {"path": str(path.parent)}}).execute()
+            except Exception as exc:  # record and go on with the next notebook
+                status = f"failed: {type(exc).__name__}"
+            seconds = time.perf_counter() - start
+            nbformat.write(nb, out_dir / path.name)
+            html, _ = HTMLExporter().from_notebook_node(nb)
+            (out_dir / path.with_suffix(".html").name).write_text(html, encoding="utf-8")
+            rows.append(WalkthroughRow(path.name, seconds, status))
+    return rows

@@ -1,0 +1,1 @@
+"""One module of checks per notebook topic; importing a module registers its checks."""

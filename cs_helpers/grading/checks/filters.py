@@ -1,0 +1,101 @@
+"""Checks for notebook 01 (filters)."""
+from __future__ import annotations
+
+import torch
+
+from ..core import Case, Check, Property, fresh_generator, inputs_unchanged, shape_matches, values_close
+from ..registry import register
+
+
+@register
+class NormalizeFilters(Check):
+    name, topic, points = "normalize_filters", "filters", 2
+
+    def properties(self, seed):
+        g = fresh_generator(seed)
+        plain = Case((torch.randn(6, 3, 5, 5, generator=g),), label="a bank of 6 filters 3x5x5")
+        # Filters at very different scales and offsets: global scaling gets these wrong.
+        scales = torch.tensor([0.01, 1.0, 30.0, 0.2, 5.0]).view(-1, 1, 1, 1)
+        offsets = torch.tensor([-3.0, 0.0, 10.0, 0.5, -0.2]).view(-1, 1, 1, 1)
+        mixed = Case((torch.randn(5, 3, 3, 3, generator=g) * scales + offsets,),
+                     label="filters of very different scales")
+        constant = torch.randn(4, 3, 3, 3, generator=g)
+        constant[1] = 0.7
+        constant[3] = 0.0
+        flat = Case((constant,), label="a bank with constant filters")
+        other = Case((torch.randn(7, 16, 3, 3, generator=g) * 0.1,), label="filters with 16 input channels")
+        single = Case((torch.randn(5, 1, 7, 7, generator=g),), label="single-channel filters")
+        return [
+            Property("returns a tensor of the input's shape", 1, [plain], shape_matches),
+            Property("scales each filter to [0, 1] on its own (per filter, not across the bank)", 3,
+                     [plain, mixed], values_close()),
+            Property("turns a constant filter into 0.5 everywhere", 1, [flat], values_close()),
+            Property("works for any number of input channels", 1, [other, single], values_close()),
+            Property("leaves its input unchanged", 1, [mixed], inputs_unchanged),
+        ]
+
+
+@register
+class Conv2dIm2col(Check):
+    name, topic, points = "conv2d_im2col", "filters", 3
+
+    def properties(self, seed):
+        g = fresh_generator(seed)
+
+        def case(n, c, h, w, co, kh, kw, bias=False, label="", count_calls=False, **kw_):
+            args = (torch.randn(n, c, h, w, generator=g), torch.randn(co, c, kh, kw, generator=g))
+            if bias:
+                args += (torch.randn(co, generator=g),)
+            return Case(args, dict(kw_), label=label, count_calls=count_calls)
+
+        basic = case(1, 3, 8, 8, 4, 3, 3, label="a 1x3x8x8 input with 3x3 filters")
+        padded = case(2, 3, 7, 7, 5, 3, 3, padding=1, label="padding=1")
+        strided = case(2, 2, 9, 9, 3, 3, 3, stride=2, label="stride=2")
+        both = case(2, 4, 10, 11, 3, 5, 5, stride=2, padding=2, label="stride=2, padding=2")
+        biased = case(2, 3, 6, 6, 4, 3, 3, bias=True, label="a bias")
+        rect = case(3, 2, 9, 12, 4, 2, 3, stride=(2, 1), padding=(1, 0), label="non-square kernels and pairs")
+        batch = case(5, 16, 12, 12, 8, 3, 3, padding=1, bias=True, label="a batch of 5 with 16 channels")
+        small = case(2, 3, 6, 6, 4, 3, 3, padding=1, label="a 6x6 input", count_calls=True)
+        large = case(2, 3, 30, 30, 4, 3, 3, padding=1, label="a 30x30 input", count_calls=True)
+
+        counts = {}
+
+        def vectorized(case_, expected, got):
+            counts[id(case_)] = got.python_calls
+            if id(small) in counts and id(large) in counts:
+                return 0 <= counts[id(large)] <= 2 * counts[id(small)] + 20
+            return got.python_calls >= 0
+
+        return [
+            Property("matches F.conv2d with stride 1 and no padding", 2, [basic], values_close(1e-4, 1e-4)),
+            Property("zero-pads the input", 1, [padded], values_close(1e-4, 1e-4)),
+            Property("applies the stride", 1, [strided], values_close(1e-4, 1e-4)),
+            Property("handles stride and padding together", 1, [both], values_close(1e-4, 1e-4)),
+            Property("adds the bias to every output position", 1, [biased], values_close(1e-4, 1e-4)),
+            Property("takes non-square kernels and (height, width) pairs", 1, [rect], values_close(1e-4, 1e-4)),
+            Property("handles batches and many channels", 1, [batch], values_close(1e-4, 1e-4)),
+            Property("has no Python loop over output positions (the number of calls does not grow "
+                     "with the image)", 1, [small, large], vectorized),
+        ]
+
+
+@register
+class LinearTemplates(Check):
+    name, topic, points = "linear_templates", "filters", 2
+
+    def properties(self, seed):
+        g = fresh_generator(seed)
+        digits = Case((torch.randn(10, 64, generator=g), (8, 8)), label="10 classes of 8x8 images")
+        scales = torch.tensor([0.001, 1.0, 50.0, 3.0]).view(-1, 1)
+        colour = Case((torch.randn(4, 3 * 4 * 5, generator=g) * scales + 2.0, (3, 4, 5)),
+                      label="rows at very different scales, images 3x4x5")
+        flat_rows = torch.randn(3, 12, generator=g)
+        flat_rows[2] = -1.5
+        constant = Case((flat_rows, (3, 4)), label="a constant row")
+        return [
+            Property("returns (num_classes, *image_shape)", 1, [digits, colour], shape_matches),
+            Property("reshapes each row in row-major order and scales it to [0, 1] on its own", 3,
+                     [digits, colour], values_close()),
+            Property("turns a constant row into 0.5", 1, [constant], values_close()),
+            Property("leaves its input unchanged", 1, [colour], inputs_unchanged),
+        ]

@@ -1,0 +1,99 @@
+"""nbgrader integration: the trusted score of every graded function.
+
+:class:`TrustedScores` is an nbgrader preprocessor placed in
+``Autograde.autograde_preprocessors`` just before ``SaveAutoGrades``. For every test
+cell ``test_<name>`` whose function has a check, it takes the instructor's setup cell
+from the gradebook and the student's solution cells from the submission, scores the
+function across the trust boundary (:func:`cs_helpers.grading.sandbox.trusted_score`)
+and replaces the cell's outputs with that score. Whatever the student's kernel printed
+or computed in that cell (including a score it faked) is discarded.
+
+Importing this module imports every check and reference, so that the grader holds its
+own code in memory before any student code runs.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from nbformat.v4 import new_output
+from nbgrader.api import Gradebook
+from nbgrader.preprocessors import NbGraderPreprocessor
+from traitlets import Bool, List, Unicode
+
+from . import registry
+from .sandbox import trusted_score
+
+SETUP_CELL_ID = "setup"
+_REPO_NOTEBOOKS = Path(__file__).resolve().parent.parent.parent / "notebooks"
+
+
+def preload() -> None:
+    """Imports every check and every reference implementation now."""
+    import importlib
+
+    for name, check in registry.load_all().items():
+        try:
+            importlib.import_module(f"cs_helpers.reference.{check.topic}")
+        except ModuleNotFoundError:
+            pass
+
+
+preload()
+
+
+def _grade_id(cell) -> str | None:
+    return cell.get("metadata", {}).get("nbgrader", {}).get("grade_id")
+
+
+def _sqlite_path(db_url: str) -> str | None:
+    prefix = "sqlite:///"
+    return db_url[len(prefix):] if db_url.startswith(prefix) else None
+
+
+class TrustedScores(NbGraderPreprocessor):
+    """Replaces the outputs of each autograded test cell with the score computed in
+    the grader's own process."""
+
+    enabled = Bool(True, help="Whether to recompute scores across the trust boundary.").tag(config=True)
+    forbidden_paths = List(Unicode(), [], help=(
+        "Folders the student's code may not read while it is graded (the course root, "
+        "the instructor's source notebooks).")).tag(config=True)
+    device = Unicode("", help="Device for grading ('cpu', 'cuda'); empty picks CUDA when present.").tag(config=True)
+
+    def preprocess(self, nb, resources):
+        if not self.enabled:
+            return nb, resources
+        info = resources["nbgrader"]
+        with Gradebook(info["db_url"]) as gb:
+            source_nb = gb.find_notebook(info["notebook"], info["assignment"])
+            sources = {c.name: c for c in source_nb.source_cells}
+            max_scores = {c.name: c.max_score for c in source_nb.grade_cells}
+            solution_ids = {c.name for c in source_nb.solution_cells
+                            if sources.get(c.name) is not None and sources[c.name].cell_type == "code"}
+        setup = sources[SETUP_CELL_ID].source if SETUP_CELL_ID in sources else ""
+        student_cells = [cell.source for cell in nb.cells
+                         if cell.cell_type == "code" and _grade_id(cell) in solution_ids]
+        forbidden = [*self.forbidden_paths, str(_REPO_NOTEBOOKS)]
+        db_path = _sqlite_path(info["db_url"])
+        if db_path:
+            forbidden.append(db_path)
+        checks = registry.load_all()
+        for cell in nb.cells:
+            grade_id = _grade_id(cell)
+            if cell.cell_type != "code" or not grade_id or not grade_id.startswith("test_"):
+                continue
+            name = grade_id[len("test_"):]
+            if name not in checks or grade_id not in max_scores:
+                continue
+            report = trusted_score(checks[name], [setup, *student_cells], registry.hidden_seed(name),
+                                   points=max_scores[grade_id], forbidden=forbidden,
+                                   device=self.device or None)
+            self.log.info("Trusted score of %s: %s / %s", name, report.score, report.points)
+            count = cell.get("execution_count") or 1
+            cell.outputs = [
+                new_output("stream", name="stdout", text=report.message + "\n"),
+                new_output("execute_result", data={"text/plain": repr(float(report.score))},
+                           execution_count=count),
+            ]
+        return nb, resources
