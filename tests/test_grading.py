@@ -1,0 +1,134 @@
+"""Checks score the reference fully and take points from real mistakes; the trusted
+path scores student code run in a child process and resists tampering."""
+import torch
+import torch.nn.functional as F
+
+from cs_helpers import grading
+from cs_helpers.grading import get_check, hidden_seed
+from cs_helpers.grading.sandbox import trusted_score
+from cs_helpers.reference import filters as ref
+
+SETUP = "import math\nimport torch\nimport torch.nn.functional as F\nfrom cs_helpers import grading\n"
+
+
+def student_source(name):
+    """A student's cell: the reference's source text, as a student might write it."""
+    import inspect
+
+    return inspect.getsource(ref._min_max_rows) + inspect.getsource(ref._pair) + inspect.getsource(getattr(ref, name))
+
+
+def test_every_filters_check_gives_the_reference_full_points(capsys):
+    for name in ("normalize_filters", "conv2d_im2col", "linear_templates"):
+        check = get_check(name)
+        assert grading.score(name, getattr(ref, name)) == check.points
+    out = capsys.readouterr()
+    assert "every property checked holds" in out.out and out.err == ""
+
+
+def test_global_normalization_loses_points_and_the_message_names_it(capsys):
+    def global_minmax(weights):
+        return (weights - weights.min()) / (weights.max() - weights.min())
+
+    score = grading.score("normalize_filters", global_minmax)
+    assert 0 < score < get_check("normalize_filters").points
+    out = capsys.readouterr().out
+    assert "on its own (per filter" in out
+    assert "tensor(" not in out and "expected" not in out.lower()
+
+
+def test_a_pixel_loop_loses_the_vectorization_point():
+    def loop_conv(x, weight, bias=None, stride=1, padding=0):
+        s = stride if isinstance(stride, tuple) else (stride, stride)
+        p = padding if isinstance(padding, tuple) else (padding, padding)
+        xp = F.pad(x, (p[1], p[1], p[0], p[0]))
+        co, _, kh, kw = weight.shape
+        oh, ow = (xp.shape[2] - kh) // s[0] + 1, (xp.shape[3] - kw) // s[1] + 1
+        out = x.new_zeros(x.shape[0], co, oh, ow)
+        for i in range(oh):
+            for j in range(ow):
+                patch = xp[:, :, i * s[0]:i * s[0] + kh, j * s[1]:j * s[1] + kw].reshape(x.shape[0], -1)
+                out[:, :, i, j] = patch @ weight.reshape(co, -1).T
+        return out if bias is None else out + bias.view(1, -1, 1, 1)
+
+    points = get_check("conv2d_im2col").points
+    score = grading.score("conv2d_im2col", loop_conv, quiet=True)
+    assert points - 1 < score < points
+
+
+def test_forgotten_bias_and_transposed_templates_lose_points():
+    def no_bias(x, weight, bias=None, stride=1, padding=0):
+        return ref.conv2d_im2col(x, weight, None, stride, padding)
+
+    def column_major(W, image_shape):
+        return ref.linear_templates(W, image_shape[::-1]).transpose(-1, -2)
+
+    assert grading.score("conv2d_im2col", no_bias, quiet=True) < get_check("conv2d_im2col").points
+    assert grading.score("linear_templates", column_major, quiet=True) < get_check("linear_templates").points
+
+
+def test_crashing_mutating_and_missing_functions_are_contained(capsys):
+    def crashes(weights):
+        raise RuntimeError("oops")
+
+    def mutates(weights):
+        weights.sub_(weights.amin(dim=(1, 2, 3), keepdim=True))
+        return ref.normalize_filters(weights)
+
+    assert grading.score("normalize_filters", crashes) == 0
+    assert 0 < grading.score("normalize_filters", mutates) < get_check("normalize_filters").points
+    assert grading.score("normalize_filters", None) == 0
+    assert grading.score("no_such_function", ref.normalize_filters) == 0
+    out = capsys.readouterr()
+    assert out.err == "" and "Traceback" not in out.out and "raised RuntimeError: oops" in out.out
+
+
+def test_hidden_seed_is_stable_and_differs_between_functions():
+    assert hidden_seed("pca") == hidden_seed("pca") != hidden_seed("fgsm")
+
+
+# -- across the trust boundary ------------------------------------------------------
+
+
+def test_trusted_score_of_correct_and_wrong_student_code():
+    check = get_check("normalize_filters")
+    good = trusted_score(check, [SETUP, student_source("normalize_filters")], hidden_seed(check.name))
+    assert good.score == check.points
+    wrong = "def normalize_filters(weights):\n    return (weights - weights.min()) / (weights.max() - weights.min())\n"
+    assert 0 < trusted_score(check, [SETUP, wrong], 1).score < check.points
+
+
+def test_importing_or_reading_the_reference_earns_nothing():
+    check = get_check("normalize_filters")
+    imports = "from cs_helpers.reference.filters import normalize_filters\n"
+    reads = ("import os, cs_helpers\n"
+             "path = os.path.join(os.path.dirname(cs_helpers.__file__), 'reference', 'filters.py')\n"
+             "exec(open(path).read())\n")
+    shell = "import subprocess\nsrc = subprocess.check_output(['cat', 'cs_helpers/reference/filters.py'])\nexec(src)\n"
+    for attack in (imports, reads, shell):
+        assert trusted_score(check, [SETUP, attack], 1).score == 0
+
+
+def test_faking_the_score_in_the_kernel_earns_nothing():
+    check = get_check("normalize_filters")
+    identity = "def normalize_filters(weights):\n    return weights\n"
+    fake = "import cs_helpers.grading as g\ng.score = lambda *a, **k: 2.0\n" + identity
+    honest = trusted_score(check, [SETUP, identity], 1).score
+    assert trusted_score(check, [SETUP, fake], 1).score == honest < check.points
+
+
+def test_a_runaway_cell_costs_only_its_own_function():
+    check = get_check("linear_templates")
+    looping = "def normalize_filters(weights):\n    while True:\n        pass\n"
+    sources = [SETUP, looping, student_source("linear_templates")]
+    assert trusted_score(check, sources, 1).score == check.points
+    stuck = trusted_score(get_check("normalize_filters"), sources, 1)
+    assert stuck.score == 0 and any("time limit" in e for e in stuck.errors)
+
+
+def test_memory_exhaustion_and_self_kill_score_zero_without_crashing_the_grader():
+    check = get_check("normalize_filters")
+    hog = "def normalize_filters(weights):\n    return [bytearray(10**9) for _ in range(64)]\n"
+    kill = "import os, signal\ndef normalize_filters(weights):\n    os.kill(os.getpid(), signal.SIGKILL)\n"
+    for attack in (hog, kill):
+        assert trusted_score(check, [SETUP, attack], 1).score == 0

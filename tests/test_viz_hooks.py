@@ -1,0 +1,46 @@
+import matplotlib.pyplot as plt
+import pytest
+import torch
+
+from cs_helpers import viz
+from cs_helpers.hooks import capture, get_layer, relu_backward_hooks
+
+
+def test_pictures_return_figures():
+    images = torch.rand(3, 3, 16, 16)
+    for fig in (viz.show_images(images, titles=["a", "b", "c"]),
+                viz.show_heatmaps(images, torch.rand(3, 4, 4)),
+                viz.overlay_heatmap(images[0], torch.rand(4, 4)),
+                viz.filter_grid(torch.randn(10, 3, 3, 3)),
+                viz.filter_grid(torch.randn(5, 16, 5, 5), ncols=3)):
+        assert isinstance(fig, plt.Figure)
+        plt.close(fig)
+    with pytest.raises(ValueError, match="titles"):
+        viz.show_images(images, titles=["a"])
+    with pytest.raises(ValueError, match=r"\(C_out, C_in, k, k\)"):
+        viz.filter_grid(torch.rand(3, 3))
+
+
+def test_capture_records_and_always_removes_its_hook(lite0):
+    layer = lite0.get_submodule("head.relu")
+    with capture(lite0, "head.relu") as seen, torch.no_grad():
+        lite0(torch.rand(1, 3, 64, 64))
+    assert seen.output.shape == (1, 1280, 2, 2) and not layer._forward_hooks
+    with pytest.raises(RuntimeError), capture(lite0, "head.relu"):
+        raise RuntimeError("boom")
+    assert not layer._forward_hooks
+
+
+def test_relu_backward_hooks_come_off_and_apply_the_rule(lite0):
+    x = torch.rand(1, 3, 32, 32, requires_grad=True)
+    with relu_backward_hooks(lite0, lambda m, inp, grad: torch.zeros_like(grad)) as count:
+        lite0(x)[0, 1].backward()
+    assert count == 33 and torch.count_nonzero(x.grad) == 0
+    assert all(not m._backward_hooks and not m._forward_pre_hooks for m in lite0.modules())
+
+
+def test_get_layer_errors_name_the_problem(lite0):
+    with pytest.raises(ValueError, match="no layer named 'head.nope'"):
+        get_layer(lite0, "head.nope")
+    with pytest.raises(TypeError, match="dotted module name"):
+        get_layer(lite0, 3)
