@@ -1,5 +1,6 @@
 """Checks score the reference fully and take points from real mistakes; the trusted
 path scores student code run in a child process and resists tampering."""
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -132,3 +133,34 @@ def test_memory_exhaustion_and_self_kill_score_zero_without_crashing_the_grader(
     kill = "import os, signal\ndef normalize_filters(weights):\n    os.kill(os.getpid(), signal.SIGKILL)\n"
     for attack in (hog, kill):
         assert trusted_score(check, [SETUP, attack], 1).score == 0
+
+
+# -- every registered check, whatever the topic ---------------------------------------
+
+
+def _all_checks():
+    return sorted(grading.load_all().items())
+
+
+def test_every_check_gives_its_reference_full_points_on_the_cpu():
+    for name, check in _all_checks():
+        assert grading.score(name, check.reference(), device="cpu", quiet=True) == check.points, name
+
+
+def test_no_check_gives_points_to_a_function_that_returns_nothing():
+    for name, check in _all_checks():
+        assert grading.score(name, lambda *args, **kwargs: None, quiet=True) == 0, name
+
+
+
+@pytest.mark.cuda
+def test_every_check_gives_its_reference_full_points_on_cuda():
+    for name, check in _all_checks():
+        assert grading.score(name, check.reference(), device="cuda", quiet=True) == check.points, name
+
+
+@pytest.mark.cuda
+def test_trusted_score_on_cuda():
+    check = get_check("conv2d_im2col")
+    report = trusted_score(check, [SETUP, student_source("conv2d_im2col")], 1, device="cuda")
+    assert report.score == check.points

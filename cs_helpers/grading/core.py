@@ -347,7 +347,10 @@ def shape_matches(case, expected, got) -> bool:
 
 
 def inputs_unchanged(case: Case, expected, got: Outcome) -> bool:
-    """The tensor arguments after the call equal the ones given."""
+    """Returns the right values, and the tensor arguments after the call equal the
+    ones given (a function that returns nothing useful earns no credit for this)."""
+    if not same_values(expected, got.value, rtol=1e-3, atol=1e-4):
+        return False
     originals = [to_plain(a) for a in case.args]
     if got.inputs_after is None or len(got.inputs_after) != len(originals):
         return False
@@ -358,8 +361,10 @@ def inputs_unchanged(case: Case, expected, got: Outcome) -> bool:
 
 
 def good_citizen(case: Case, expected, got: Outcome) -> bool:
-    """No hook left on the model, mode and parameters as they were."""
-    return got.hooks_left == 0 and not got.mode_changed and not got.params_changed
+    """Returns the right values, leaves no hook on the model, and leaves its mode and
+    parameters as they were."""
+    return (same_values(expected, got.value, rtol=1e-3, atol=1e-4) and got.hooks_left == 0
+            and not got.mode_changed and not got.params_changed)
 
 
 def is_finite_number(value) -> bool:

@@ -41,3 +41,23 @@ def tiny_relu6_cnn(seed: int, num_classes: int = 5) -> nn.Module:
         flatten=nn.Flatten(1),
         classifier=nn.Linear(8, num_classes),
     ))
+
+
+class _AtMostPerPass(nn.Sequential):
+    """An ``nn.Sequential`` that refuses batches larger than ``max_batch`` images, like
+    a large model on a small GPU: a function that ignores its ``batch_size`` fails."""
+
+    max_batch = 4
+
+    def forward(self, x):
+        if x.shape[0] > self.max_batch:
+            raise RuntimeError(f"this model takes at most {self.max_batch} images per forward pass; "
+                               f"got {x.shape[0]}")
+        return super().forward(x)
+
+
+@register_model_builder("tiny_batch4_cnn")
+def tiny_batch4_cnn(seed: int, num_classes: int = 5) -> nn.Module:
+    """``tiny_relu_cnn``'s layers (same names) in a model that accepts at most 4 images
+    per forward pass."""
+    return _AtMostPerPass(OrderedDict(tiny_relu_cnn(seed, num_classes).named_children()))

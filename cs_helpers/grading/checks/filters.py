@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from ..core import Case, Check, Property, fresh_generator, inputs_unchanged, shape_matches, values_close
+from ..core import (Case, Check, Property, fresh_generator, inputs_unchanged, same_values, shape_matches,
+                    values_close)
 from ..registry import register
 
 
@@ -61,6 +62,8 @@ class Conv2dIm2col(Check):
         counts = {}
 
         def vectorized(case_, expected, got):
+            if not same_values(expected, got.value, rtol=1e-4, atol=1e-4):
+                return False
             counts[id(case_)] = got.python_calls
             if id(small) in counts and id(large) in counts:
                 return 0 <= counts[id(large)] <= 2 * counts[id(small)] + 20

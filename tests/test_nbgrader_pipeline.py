@@ -1,0 +1,121 @@
+"""The real nbgrader pipeline, driven through its API in a temporary course directory
+per grading: source notebooks earn full marks, the student release earns nothing, a
+wrong function loses its own points and no others, and the known attacks on stock
+nbgrader earn nothing here."""
+import json
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from cs_helpers.cli import main
+from cs_helpers.course import grade_submission, release, source_notebooks
+
+pytestmark = pytest.mark.slow
+
+NOTEBOOKS = {p.stem: p for p in source_notebooks()}
+
+# A typical mistake: normalizing the whole bank instead of each filter.
+GLOBAL_NORMALIZATION = '''import torch
+
+def normalize_filters(weights):
+    """Normalized over the whole bank instead of per filter."""
+    return (weights - weights.min()) / (weights.max() - weights.min())
+'''
+
+
+def _scores(result):
+    return {c["grade_id"]: (c["score"], c["max_score"]) for c in result.cells}
+
+
+def _with_solution(path: Path, out: Path, grade_id: str, source: str) -> Path:
+    nb = nbformat.read(path, as_version=4)
+    cells = [c for c in nb.cells if c.get("metadata", {}).get("nbgrader", {}).get("grade_id") == grade_id]
+    assert len(cells) == 1, grade_id
+    cells[0].source = source
+    out.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def student_release(tmp_path_factory):
+    return release(tmp_path_factory.mktemp("release") / "course")
+
+
+@pytest.mark.parametrize("topic", sorted(NOTEBOOKS))
+def test_source_notebook_earns_full_marks_through_the_command(topic, capsys):
+    """`cs-helpers grade NOTEBOOK --json`, as an instructor runs it."""
+    assert main(["grade", str(NOTEBOOKS[topic]), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)["notebooks"][0]
+    assert report["notebook"] == NOTEBOOKS[topic].name and report["cells"]
+    for cell in report["cells"]:
+        assert cell["grade_id"].startswith("test_") and cell["score"] == cell["max_score"] > 0, cell
+    assert report["score"] == report["max_score"] == sum(c["max_score"] for c in report["cells"])
+
+
+@pytest.mark.parametrize("topic", sorted(NOTEBOOKS))
+def test_student_release_earns_nothing(topic, student_release):
+    notebook = student_release / "notebooks" / NOTEBOOKS[topic].parent.name / NOTEBOOKS[topic].name
+    text = notebook.read_text()
+    assert "BEGIN HIDDEN TESTS" not in text and "BEGIN SOLUTION" not in text
+    result = grade_submission(notebook)
+    assert result.cells and all(score == 0 for score, _ in _scores(result).values()), result.as_dict()
+
+
+def test_student_release_has_no_reference(student_release):
+    assert (student_release / "cs_helpers" / "grading").is_dir()
+    assert not (student_release / "cs_helpers" / "reference").exists()
+    assert not list(student_release.rglob("nbgrader_config.py"))
+
+
+@pytest.mark.skipif("filters" not in NOTEBOOKS, reason="needs notebook 01")
+def test_one_wrong_function_loses_its_points_and_no_others(tmp_path):
+    path = _with_solution(NOTEBOOKS["filters"], tmp_path / "filters.ipynb", "normalize_filters",
+                          GLOBAL_NORMALIZATION)
+    scores = _scores(grade_submission(path))
+    for grade_id, (score, maximum) in scores.items():
+        if grade_id == "test_normalize_filters":
+            assert 0 < score < maximum
+        else:
+            assert score == maximum, grade_id
+
+
+ATTACK = '''get_ipython().input_transformers_cleanup.append(lambda lines: ['pass\\n'])
+import torch
+
+def normalize_filters(weights):
+    return weights
+'''
+
+
+IMPORT_REFERENCE = "from cs_helpers.reference.filters import conv2d_im2col\n"
+
+
+def _attack_submission(tmp_path):
+    """The input-transformer attack in one solution cell, the reference imported in
+    another, and every test cell tagged for nbconvert to skip."""
+    path = _with_solution(NOTEBOOKS["filters"], tmp_path / "filters.ipynb", "normalize_filters", ATTACK)
+    path = _with_solution(path, path, "conv2d_im2col", IMPORT_REFERENCE)
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        if cell.get("metadata", {}).get("nbgrader", {}).get("grade"):
+            cell.metadata["tags"] = ["skip-execution"]
+    nbformat.write(nb, path)
+    return path
+
+
+@pytest.mark.skipif("filters" not in NOTEBOOKS, reason="needs notebook 01")
+def test_the_attacks_fool_stock_nbgrader(tmp_path):
+    """What the trust boundary is for: without it these submissions earn full marks."""
+    result = grade_submission(_attack_submission(tmp_path), trusted=False)
+    assert result.score == result.max_score
+
+
+@pytest.mark.skipif("filters" not in NOTEBOOKS, reason="needs notebook 01")
+def test_the_attacks_earn_nothing_here(tmp_path):
+    scores = _scores(grade_submission(_attack_submission(tmp_path)))
+    assert scores["test_normalize_filters"][0] < scores["test_normalize_filters"][1] / 2
+    assert scores["test_conv2d_im2col"][0] == 0
+    # The function written honestly in the same submission keeps its points.
+    assert scores["test_linear_templates"][0] == scores["test_linear_templates"][1]
