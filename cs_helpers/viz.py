@@ -64,17 +64,26 @@ def _grid(n, ncols, panel=2.0):
     return fig, axes.flat
 
 
-def show_images(images, titles=None, ncols: int = 6, panel: float = 2.0, suptitle: str | None = None):
-    """A batch ``(N, 3, H, W)`` (or a list of images) in a grid, with optional titles."""
-    if isinstance(images, torch.Tensor) and images.dim() == 3:
-        images = images.unsqueeze(0)
+def show_images(images, titles=None, ncols: int = 6, panel: float = 2.0, suptitle: str | None = None,
+                interpolation: str = "bilinear"):
+    """A batch in a grid, with optional titles.
+
+    ``images``: ``(N, 3, H, W)`` colour or ``(N, 1, H, W)`` / ``(N, H, W)`` gray
+    tensors, one image ``(3, H, W)``, or a list of images. Use
+    ``interpolation="nearest"`` for tiny images (8x8 digits) to see their pixels."""
+    if isinstance(images, torch.Tensor):
+        if images.dim() == 2 or (images.dim() == 3 and images.shape[0] in (1, 3)):
+            images = images.unsqueeze(0)
+        elif images.dim() == 3:  # (N, H, W): a batch of gray images
+            images = images.unsqueeze(1)
     images = list(images)
     if titles is not None and len(titles) != len(images):
         raise ValueError(f"show_images: {len(images)} images but {len(titles)} titles")
     fig, axes = _grid(len(images), ncols, panel)
     for i, (ax, image) in enumerate(zip(axes, images)):
-        ax.imshow(to_numpy_image(image), cmap="gray" if to_numpy_image(image).ndim == 2 else None,
-                  vmin=0, vmax=1, interpolation="bilinear")
+        picture = to_numpy_image(image)
+        ax.imshow(picture, cmap="gray" if picture.ndim == 2 else None, vmin=0, vmax=1,
+                  interpolation=interpolation)
         if titles is not None:
             ax.set_title(str(titles[i]))
     if suptitle:

@@ -164,3 +164,28 @@ def test_trusted_score_on_cuda():
     check = get_check("conv2d_im2col")
     report = trusted_score(check, [SETUP, student_source("conv2d_im2col")], 1, device="cuda")
     assert report.score == check.points
+
+
+def test_calling_a_convolution_routine_does_not_earn_the_im2col_points():
+    def delegates(x, weight, bias=None, stride=1, padding=0):
+        return F.conv2d(x, weight, bias, stride=stride, padding=padding)
+
+    def module(x, weight, bias=None, stride=1, padding=0):
+        conv = torch.nn.Conv2d(weight.shape[1], weight.shape[0], weight.shape[2:], stride=stride,
+                               padding=padding, bias=bias is not None)
+        with torch.no_grad():
+            conv.weight.copy_(weight)
+            if bias is not None:
+                conv.bias.copy_(bias)
+            return conv(x)
+
+    points = get_check("conv2d_im2col").points
+    for cheat in (delegates, module):
+        assert grading.score("conv2d_im2col", cheat, quiet=True) <= points * 0.8
+    child = trusted_score(get_check("conv2d_im2col"), [SETUP, CONV_BY_TORCH], 1)
+    assert child.score <= points * 0.8
+
+
+CONV_BY_TORCH = """def conv2d_im2col(x, weight, bias=None, stride=1, padding=0):
+    return F.conv2d(x, weight, bias, stride=stride, padding=padding)
+"""

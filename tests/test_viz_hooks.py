@@ -15,6 +15,9 @@ def test_pictures_return_figures():
                 viz.filter_grid(torch.randn(5, 16, 5, 5), ncols=3)):
         assert isinstance(fig, plt.Figure)
         plt.close(fig)
+    gray = viz.show_images(torch.rand(10, 8, 8), interpolation="nearest")
+    assert len([ax for ax in gray.axes if ax.images]) == 10
+    plt.close(gray)
     with pytest.raises(ValueError, match="titles"):
         viz.show_images(images, titles=["a"])
     with pytest.raises(ValueError, match=r"\(C_out, C_in, k, k\)"):

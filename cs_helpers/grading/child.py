@@ -138,7 +138,8 @@ def main(job_dir: str) -> int:
     cache: dict = {}
     cases = [core.Case(args=tuple(core.materialize(c["args"], device, cache)),
                        kwargs=core.materialize(c["kwargs"], device, cache),
-                       label=c["label"], count_calls=c["count_calls"]) for c in raw_cases]
+                       label=c["label"], count_calls=c["count_calls"],
+                       record_torch_calls=c["record_torch_calls"]) for c in raw_cases]
 
     result_path = job_path / "result.json"
     arrays_path = job_path / "arrays.npz"

@@ -20,6 +20,7 @@ traceback into the grader.
 from __future__ import annotations
 
 import importlib
+import contextlib
 import math
 import sys
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+from torch.overrides import TorchFunctionMode
 
 __all__ = [
     "Case", "Check", "ModelSpec", "Outcome", "Property", "Report",
@@ -88,6 +90,7 @@ class Case:
     kwargs: dict = field(default_factory=dict)
     label: str = ""
     count_calls: bool = False
+    record_torch_calls: bool = False
 
 
 @dataclass
@@ -102,6 +105,7 @@ class Outcome:
     mode_changed: bool = False
     params_changed: bool = False
     python_calls: int = -1
+    torch_calls: tuple = ()
 
     @property
     def ok(self) -> bool:
@@ -244,6 +248,18 @@ class _CallCounter:
             self.calls += 1
 
 
+class _TorchCallRecorder(TorchFunctionMode):
+    """Records the names of the torch functions called (``conv2d``, ``matmul``, …)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.names.add(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
 def _models_in(values) -> list[torch.nn.Module]:
     return [v for v in values if isinstance(v, torch.nn.Module)]
 
@@ -280,11 +296,13 @@ def call_case(func: Callable, case: Case, device=None, cache=None) -> Outcome:
     models = _models_in(list(args) + list(kwargs.values()))
     before = [(m.training, _hook_count(m), [p.detach().clone() for p in m.parameters()][:4]) for m in models]
     counter = _CallCounter() if case.count_calls else None
+    recorder = _TorchCallRecorder() if case.record_torch_calls else contextlib.nullcontext()
     try:
         if counter is not None:
             sys.setprofile(counter)
         try:
-            value = func(*args, **kwargs)
+            with recorder:
+                value = func(*args, **kwargs)
         finally:
             if counter is not None:
                 intact = sys.getprofile() is counter
@@ -296,6 +314,8 @@ def call_case(func: Callable, case: Case, device=None, cache=None) -> Outcome:
     outcome = Outcome(value=to_plain(value), inputs_after=[to_plain(a) for a in args])
     if counter is not None:
         outcome.python_calls = counter.calls if intact else 10**9
+    if case.record_torch_calls:
+        outcome.torch_calls = tuple(sorted(recorder.names))
     for model, (training, hooks, params) in zip(models, before):
         outcome.hooks_left += max(0, _hook_count(model) - hooks)
         outcome.mode_changed |= model.training != training

@@ -95,6 +95,7 @@ def encode_outcomes(outcomes: list[Outcome]):
             "mode_changed": bool(o.mode_changed),
             "params_changed": bool(o.params_changed),
             "python_calls": int(o.python_calls),
+            "torch_calls": [str(n)[:80] for n in o.torch_calls][:500],
         })
     return skeleton, arrays
 
@@ -113,6 +114,7 @@ def decode_outcomes(skeleton, arrays) -> list[Outcome]:
             mode_changed=bool(node.get("mode_changed", False)),
             params_changed=bool(node.get("params_changed", False)),
             python_calls=int(node.get("python_calls", -1)),
+            torch_calls=tuple(str(n) for n in node.get("torch_calls", []) if isinstance(n, str)),
         ))
     return out
 
@@ -135,4 +137,5 @@ def encode_case_inputs(cases) -> list[dict]:
         return value
 
     return [{"args": plain(tuple(c.args)), "kwargs": plain(dict(c.kwargs)), "label": c.label,
-             "count_calls": bool(c.count_calls)} for c in cases]
+             "count_calls": bool(c.count_calls), "record_torch_calls": bool(c.record_torch_calls)}
+            for c in cases]

@@ -61,3 +61,17 @@ def tiny_batch4_cnn(seed: int, num_classes: int = 5) -> nn.Module:
     """``tiny_relu_cnn``'s layers (same names) in a model that accepts at most 4 images
     per forward pass."""
     return _AtMostPerPass(OrderedDict(tiny_relu_cnn(seed, num_classes).named_children()))
+
+
+@register_model_builder("tiny_relu6_cnn_hot")
+def tiny_relu6_cnn_hot(seed: int, num_classes: int = 5) -> nn.Module:
+    """``tiny_relu6_cnn`` with both convolutions' weights scaled by 8: about a tenth to a
+    quarter of the pre-activations exceed 6, so ReLU6's upper bound matters (guided
+    backprop, gradients), and the class probabilities spread far from uniform."""
+    import torch
+
+    model = tiny_relu6_cnn(seed, num_classes)
+    with torch.no_grad():
+        model.conv1.weight.mul_(8.0)
+        model.conv2.weight.mul_(8.0)
+    return model

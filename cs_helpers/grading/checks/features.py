@@ -5,23 +5,61 @@ import math
 
 import torch
 
-from ..core import (Case, Check, ModelSpec, Property, _as_tensor, fresh_generator, good_citizen,
-                    inputs_unchanged, same_shape, same_values, shape_matches, values_close)
+from .. import tiny_models  # noqa: F401  (registers the tiny seeded networks used below)
+from ..core import (Case, Check, ModelSpec, Property, _as_tensor, fresh_generator,
+                    same_shape, same_values, shape_matches, to_plain, values_close)
 from ..registry import register
 
 
-def _calls_do_not_grow(small: Case, large: Case):
-    """A comparison for two ``count_calls`` cases: holds when the larger input does
-    not make many more Python calls than the smaller one (no loop over its rows)."""
+def _inputs_intact(case: Case, got) -> bool:
+    """The tensor arguments after the call equal the ones given."""
+    originals = [to_plain(a) for a in case.args]
+    if got.inputs_after is None or len(got.inputs_after) != len(originals):
+        return False
+    return all(torch.equal(before, after) for before, after in zip(originals, got.inputs_after)
+               if isinstance(before, torch.Tensor))
+
+
+def _and_inputs_intact(correct):
+    """Right values by ``correct`` and inputs left unchanged (a function that returns
+    nothing useful earns nothing for leaving its inputs alone)."""
+    def holds(case, expected, got) -> bool:
+        return correct(case, expected, got) and _inputs_intact(case, got)
+    return holds
+
+
+def _calls_do_not_grow(small: Case, large: Case, correct):
+    """A comparison for two ``count_calls`` cases: holds when the values are right by
+    ``correct`` and the larger input does not make many more Python calls than the
+    smaller one (no loop over its rows)."""
     counts = {}
 
     def holds(case, expected, got):
+        if not correct(case, expected, got):
+            return False
         counts[id(case)] = got.python_calls
         if id(small) in counts and id(large) in counts:
             return 0 <= counts[id(large)] <= 2 * counts[id(small)] + 20
         return got.python_calls >= 0
 
     return holds
+
+
+def _features_close(rtol, atol):
+    """The student's features equal the reference's once reshaped to ``(N, D)``: an
+    output left unflattened loses the shape property only, not every property."""
+    def holds(case, expected, got) -> bool:
+        value = _as_tensor(got.value)
+        if (value is None or value.dim() < 1 or value.numel() != expected.numel()
+                or value.shape[0] != expected.shape[0]):
+            return False
+        return same_values(expected, value.reshape(expected.shape), rtol, atol)
+    return holds
+
+
+def _features_and_citizen(case, expected, got) -> bool:
+    return (_features_close(1e-4, 1e-5)(case, expected, got) and got.hooks_left == 0
+            and not got.mode_changed and not got.params_changed)
 
 
 @register
@@ -47,13 +85,13 @@ class ExtractFeatures(Check):
             Property("returns (N, D): one row per image, the layer's output flattened", 1,
                      [conv, global_pool], shape_matches),
             Property("returns the chosen layer's output values, flattened in (C, H, W) order", 2,
-                     [conv, pooled, global_pool], values_close(1e-4, 1e-5)),
+                     [conv, pooled, global_pool], _features_close(1e-4, 1e-5)),
             Property("runs the model on batches of at most batch_size images, the last, smaller "
-                     "batch included", 1, [batched], values_close(1e-4, 1e-5)),
+                     "batch included", 1, [batched], _features_close(1e-4, 1e-5)),
             Property("removes its hook and leaves the model's mode and parameters as they were", 1,
-                     [conv, global_pool, batched], good_citizen),
+                     [conv, pooled, global_pool], _features_and_citizen),
             Property("finds a nested layer by its dotted name (model.get_submodule)", 1,
-                     [nested], values_close(1e-4, 1e-4)),
+                     [nested], _features_close(1e-4, 1e-4)),
         ]
 
 
@@ -101,8 +139,8 @@ class NearestNeighbors(Check):
             Property("works for k=1 and for k equal to the number of database rows", 1,
                      [one, everything], _indices_equal),
             Property("has no Python loop over queries (the number of calls does not grow with the "
-                     "number of queries)", 1, [small, large], _calls_do_not_grow(small, large)),
-            Property("leaves queries and database unchanged", 1, [basic], inputs_unchanged),
+                     "number of queries)", 1, [small, large], _calls_do_not_grow(small, large, _indices_equal)),
+            Property("leaves queries and database unchanged", 1, [basic], _and_inputs_intact(_indices_equal)),
         ]
 
 
@@ -177,7 +215,7 @@ class Pca(Check):
                      "positive, and projects with those signs", 1, [basic, wide, many], _pca_exact),
             Property("explained_variance_ratio is each component's share of the total variance "
                      "(over all directions, not only the k kept)", 1, [basic, many], _pca_ratio),
-            Property("leaves the features unchanged", 1, [offset], inputs_unchanged),
+            Property("leaves the features unchanged", 1, [offset], _and_inputs_intact(_pca_up_to_sign)),
         ]
 
 
@@ -288,5 +326,5 @@ class TopActivatingPatches(Check):
                      [channel], _patches_equal),
             Property("turns flat positions back into (n, i, j) on non-square maps", 1, [wide], _patches_equal),
             Property("breaks ties by the lower (n, i, j)", 1, [ties], _patches_equal),
-            Property("leaves the activations unchanged", 1, [basic], inputs_unchanged),
+            Property("leaves the activations unchanged", 1, [basic], _and_inputs_intact(_patches_equal)),
         ]

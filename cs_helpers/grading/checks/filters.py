@@ -36,6 +36,10 @@ class NormalizeFilters(Check):
         ]
 
 
+CONVOLUTIONS = {"conv2d", "convolution", "_convolution", "conv1d", "conv3d", "conv_transpose2d", "conv_tbc",
+                "_conv_forward"}
+
+
 @register
 class Conv2dIm2col(Check):
     name, topic, points = "conv2d_im2col", "filters", 3
@@ -47,7 +51,7 @@ class Conv2dIm2col(Check):
             args = (torch.randn(n, c, h, w, generator=g), torch.randn(co, c, kh, kw, generator=g))
             if bias:
                 args += (torch.randn(co, generator=g),)
-            return Case(args, dict(kw_), label=label, count_calls=count_calls)
+            return Case(args, dict(kw_), label=label, count_calls=count_calls, record_torch_calls=True)
 
         basic = case(1, 3, 8, 8, 4, 3, 3, label="a 1x3x8x8 input with 3x3 filters")
         padded = case(2, 3, 7, 7, 5, 3, 3, padding=1, label="padding=1")
@@ -61,22 +65,29 @@ class Conv2dIm2col(Check):
 
         counts = {}
 
+        def by_matrix_multiply(case_, expected, got):
+            return (same_values(expected, got.value, rtol=1e-4, atol=1e-4)
+                    and not CONVOLUTIONS.intersection(got.torch_calls))
+
         def vectorized(case_, expected, got):
-            if not same_values(expected, got.value, rtol=1e-4, atol=1e-4):
+            if not by_matrix_multiply(case_, expected, got):
                 return False
             counts[id(case_)] = got.python_calls
             if id(small) in counts and id(large) in counts:
                 return 0 <= counts[id(large)] <= 2 * counts[id(small)] + 20
             return got.python_calls >= 0
 
+        # Delegating to a convolution routine is not the exercise: no property holds then.
         return [
-            Property("matches F.conv2d with stride 1 and no padding", 2, [basic], values_close(1e-4, 1e-4)),
-            Property("zero-pads the input", 1, [padded], values_close(1e-4, 1e-4)),
-            Property("applies the stride", 1, [strided], values_close(1e-4, 1e-4)),
-            Property("handles stride and padding together", 1, [both], values_close(1e-4, 1e-4)),
-            Property("adds the bias to every output position", 1, [biased], values_close(1e-4, 1e-4)),
-            Property("takes non-square kernels and (height, width) pairs", 1, [rect], values_close(1e-4, 1e-4)),
-            Property("handles batches and many channels", 1, [batch], values_close(1e-4, 1e-4)),
+            Property("computes the convolution itself (unfold and a matrix multiply), without calling "
+                     "a convolution routine", 2, [basic, both, batch], by_matrix_multiply),
+            Property("matches F.conv2d with stride 1 and no padding", 2, [basic], by_matrix_multiply),
+            Property("zero-pads the input", 1, [padded], by_matrix_multiply),
+            Property("applies the stride", 1, [strided], by_matrix_multiply),
+            Property("handles stride and padding together", 1, [both], by_matrix_multiply),
+            Property("adds the bias to every output position", 1, [biased], by_matrix_multiply),
+            Property("takes non-square kernels and (height, width) pairs", 1, [rect], by_matrix_multiply),
+            Property("handles batches and many channels", 1, [batch], by_matrix_multiply),
             Property("has no Python loop over output positions (the number of calls does not grow "
                      "with the image)", 1, [small, large], vectorized),
         ]
