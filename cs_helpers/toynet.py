@@ -54,7 +54,7 @@ class ToyNet(nn.Module):
     ============  ==========================================  ==================
 
     ``(w1, w2, w3)`` are ``widths`` (default ``(16, 32, 64)``). The receptive field of
-    one ``relu3`` position is 18 x 18 pixels. Works at any input size (global pooling).
+    one ``relu3`` position is 20 x 20 pixels. Works at any input size (global pooling).
 
     Parameters
     ----------

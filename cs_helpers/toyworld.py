@@ -10,7 +10,10 @@ Each scene holds one object on a cluttered background:
   shapes, drawn at random, so the outline says nothing about them.
 
 Position, scale (equal area across outlines, so size is no cue), rotation and colours are
-random. The background is a base colour from a palette of named families
+random. Colours obey two rules that keep every object visible, also in gray: a plain fill
+differs in luminance from the background by at least 0.3, and a texture is a dark pattern
+(at least 0.4 darker in luminance) on a light base, like the animals the texture classes
+are named after. The background is a base colour from a palette of named families
 (:data:`BACKGROUND_NAMES`) plus low-contrast clutter: smooth low-frequency colour noise
 and at most two thin faint lines. The clutter never holds stripes, dots or shapes, so it
 carries no class cue. ``masks`` are exactly the object's painted pixels: inside the mask
@@ -91,13 +94,18 @@ CONCEPTS = ("stripes", "dots", "zigzag", "checkerboard", "random")
 
 _CIRCLE, _SQUARE, _TRIANGLE = 0, 1, 2
 _SOLID, _STRIPES, _DOTS = 0, 1, 2
+_RADIUS_RANGE = (0.17, 0.27)     # radius of the circle of equal area to the object, / size
 _BACKGROUND_JITTER = 0.03        # per-channel jitter of a family's base colour
 _NOISE_AMPLITUDE = 0.05          # smooth clutter noise, per channel
 _NOISE_GRID = 5                  # the clutter noise is a 5 x 5 grid, bilinearly upsampled
 _LINES_PER_IMAGE = 2             # at most this many faint clutter lines
 _LINE_CONTRAST = 0.06
-_MIN_CONTRAST = 0.4              # Euclidean RGB distance of a fill colour to what is around it
-_COLOUR_CANDIDATES = 16
+_MIN_CONTRAST = 0.3              # luminance difference of a fill colour to what is around it
+_BASE_CONTRAST = 0.15            # luminance difference of a texture's base to the background
+_LIGHT_BASE = 0.5                # lowest luminance of a texture's base colour
+_PATTERN_CONTRAST = 0.4          # a texture's pattern is this much darker than its base
+_LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+_COLOUR_CANDIDATES = 64
 _DOT_TABLE = 16                  # jitter table side for the dot grid (cells wrap around)
 _CHUNK = 512                     # images rendered at once (bounds memory)
 
@@ -171,17 +179,38 @@ def _upsample_matrix(size, grid):
     return weights
 
 
-def _pick_colours(rng, n, avoid):
-    """``(n, 3)`` random RGB colours, each at least ``_MIN_CONTRAST`` away from every
-    colour in ``avoid`` (a list of ``(n, 3)`` arrays); where none of the candidates
-    qualifies, the candidate farthest from them."""
+def _luminance(colour):
+    """Rec. 601 luma of RGB colours ``(..., 3)`` in ``[0, 1]``."""
+    return colour @ _LUMA_WEIGHTS
+
+
+def _pick_colours(rng, n, avoid, contrast=None, lowest=0.0, highest=1.0):
+    """``(n, 3)`` random RGB colours whose luminance lies in ``[lowest, highest]``
+    (scalars or ``(n,)`` arrays) and differs by at least ``contrast`` (default
+    ``_MIN_CONTRAST``) from that of every colour in ``avoid`` (a list of ``(n, 3)``
+    arrays). Where none of the candidates qualifies, the one that comes closest."""
+    contrast = _MIN_CONTRAST if contrast is None else contrast
     candidates = rng.random((n, _COLOUR_CANDIDATES, 3), dtype=np.float32)
-    distance = np.full((n, _COLOUR_CANDIDATES), np.inf, dtype=np.float32)
+    luminance = _luminance(candidates)
+    difference = np.full((n, _COLOUR_CANDIDATES), np.inf, dtype=np.float32)
     for colour in avoid:
-        distance = np.minimum(distance, np.linalg.norm(candidates - colour[:, None, :], axis=-1))
-    good = distance >= _MIN_CONTRAST
-    choice = np.where(good.any(axis=1), good.argmax(axis=1), distance.argmax(axis=1))
-    return candidates[np.arange(n), choice]
+        difference = np.minimum(difference, np.abs(luminance - _luminance(colour)[:, None]))
+    outside = (np.maximum(np.asarray(lowest, dtype=np.float32).reshape(-1, 1) - luminance, 0)
+               + np.maximum(luminance - np.asarray(highest, dtype=np.float32).reshape(-1, 1), 0))
+    shortfall = np.maximum(contrast - difference, 0) + outside
+    return candidates[np.arange(n), shortfall.argmin(axis=1)]
+
+
+def _texture_colours(rng, n, background):
+    """Base and pattern colours ``(n, 3)`` of textures: a light base that stands out
+    from ``background`` and a pattern (stripes, dots, ...) clearly darker than the base,
+    like the animals the texture classes are named after."""
+    base = _pick_colours(rng, n, [background], contrast=_BASE_CONTRAST, lowest=_LIGHT_BASE)
+    hue = rng.random((n, 3), dtype=np.float32)
+    # Scaling a random colour down keeps its hue and brings its luminance under the cap.
+    cap = _luminance(base) - _PATTERN_CONTRAST
+    pattern = hue * np.minimum(1.0, cap / np.maximum(_luminance(hue), 1e-6))[:, None]
+    return base, pattern.astype(np.float32)
 
 
 def _draw_clutter(rng, n, size, base_colours):
@@ -355,11 +384,17 @@ def toyworld(n: int, seed: int, size: int = 64, background_bias: float = 0.0,
 
     Notes
     -----
-    At 64 px the object's area equals that of a circle of radius 8.3 to 15.4 px; it lies
-    wholly inside the image, at least one pixel from the border. Stripes have a period
-    of 5 to 10 px; dots a spacing of 6 to 9 px and a radius of about a quarter of it.
-    Fill colours are uniform in RGB, at least 0.4 (Euclidean) from the background base
-    colour and, for textures, from each other.
+    At 64 px the object's area equals that of a circle of radius 10.9 to 17.3 px
+    (``0.17`` to ``0.27`` times ``size``); it lies wholly inside the image, at least one
+    pixel from the border. Stripes have a period of 5 to 10 px; dots a spacing of 6 to
+    9 px and a radius of about a quarter of it. Plain fills are uniform RGB colours whose
+    luminance (Rec. 601) differs from the background's base colour by at least 0.3;
+    texture bases have a luminance of at least 0.5 and differ from the background by at
+    least 0.15 (each colour is the first of 64 random candidates that qualifies, so in
+    the rare case that none does, the closest one); the pattern is a random hue scaled
+    to a luminance at least 0.4 below the base's. The
+    clutter (per-channel smooth noise within +-0.05, two optional lines of contrast at
+    most 0.06) stays far below these contrasts.
     """
     n = _check_count(n)
     seed = _check_seed(seed)
@@ -384,15 +419,17 @@ def toyworld(n: int, seed: int, size: int = 64, background_bias: float = 0.0,
     outline = np.where(labels < len(SHAPE_CLASSES), labels, rng.integers(0, 3, n))
     fill = np.where(labels < len(SHAPE_CLASSES), _SOLID,
                     np.where(labels == CLASS_NAMES.index("zebra"), _STRIPES, _DOTS))
-    radius = rng.uniform(0.13, 0.24, n) * size
+    radius = rng.uniform(*_RADIUS_RANGE, n) * size
     rotation = rng.uniform(0, 2 * np.pi, n)
     bounding = radius * np.array([_BOUNDING_FACTOR[k] for k in range(3)])[outline] + 1.0
     centre = bounding[:, None] + rng.random((n, 2)) * (size - 2 * bounding)[:, None]
     textures = _draw_textures(rng, n, size)
     families = _assign_backgrounds(rng, labels, background_bias, bool(swap_backgrounds))
     clutter = _draw_clutter(rng, n, size, BACKGROUND_COLOURS.numpy()[families])
-    first_colour = _pick_colours(rng, n, [clutter["base"]])
-    second_colour = _pick_colours(rng, n, [clutter["base"], first_colour])
+    plain_colour = _pick_colours(rng, n, [clutter["base"]])
+    base_colour, pattern_colour = _texture_colours(rng, n, clutter["base"])
+    first_colour = np.where((fill == _SOLID)[:, None], plain_colour, base_colour)
+    second_colour = pattern_colour
 
     images = np.empty((n, 3, size, size), dtype=np.float32)
     masks = np.empty((n, size, size), dtype=bool)
@@ -465,8 +502,7 @@ def concept_images(concept: str, n: int, seed: int, size: int = 64) -> torch.Ten
     families = rng.integers(0, len(BACKGROUND_NAMES), n)
     clutter = _draw_clutter(rng, n, size, BACKGROUND_COLOURS.numpy()[families])
     textures = _draw_textures(rng, n, size)
-    first_colour = _pick_colours(rng, n, [clutter["base"]])
-    second_colour = _pick_colours(rng, n, [clutter["base"], first_colour])
+    first_colour, second_colour = _texture_colours(rng, n, clutter["base"])
     # Texture patch: a rectangle (top-left corner, side lengths) per image.
     sides = rng.uniform(0.75, 0.95, (n, 2)) * size
     corner = rng.random((n, 2)) * (size - sides)

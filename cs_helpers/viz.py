@@ -18,6 +18,7 @@ __all__ = [
     "overlay_heatmap",
     "show_heatmaps",
     "show_images",
+    "show_toyworld",
     "to_numpy_image",
 ]
 
@@ -171,5 +172,41 @@ def filter_grid(weights, ncols: int = 8, panel: float = 0.9, title: str | None =
             ax.imshow(w[0].numpy(), cmap="gray", vmin=0, vmax=1)
     if title:
         fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def show_toyworld(world, n: int = 12, ncols: int = 6, predictions=None):
+    """The first ``n`` scenes of a :class:`~cs_helpers.toyworld.ToyWorld`, each with the
+    outline of its ground-truth object mask (white) and its class name as title.
+
+    Parameters
+    ----------
+    world : ToyWorld
+        ``world.images (N, 3, H, W)``, ``world.masks (N, H, W)``, ``world.labels (N,)``.
+    n : int
+        How many scenes to show (at most ``len(world)``).
+    predictions : LongTensor ``(N,)`` or ``(n,)``, optional
+        Predicted class indices; titles then read ``"true → predicted"``.
+
+    Returns the figure.
+    """
+    n = min(int(n), len(world.labels))
+    if n < 1:
+        raise ValueError(f"show_toyworld: nothing to show (n={n}, {len(world.labels)} scenes)")
+    if predictions is not None:
+        predictions = torch.as_tensor(predictions).detach().cpu().flatten()
+        if len(predictions) < n:
+            raise ValueError(f"show_toyworld: {len(predictions)} predictions for {n} scenes")
+    fig, axes = _grid(n, ncols)
+    for i, ax in zip(range(n), axes):
+        ax.imshow(to_numpy_image(world.images[i]))
+        mask = world.masks[i].detach().cpu().numpy().astype(np.float32)
+        if 0 < mask.sum() < mask.size:
+            ax.contour(mask, levels=[0.5], colors="white", linewidths=0.8)
+        title = world.class_names[int(world.labels[i])]
+        if predictions is not None:
+            title = f"{title} → {world.class_names[int(predictions[i])]}"
+        ax.set_title(title)
     fig.tight_layout()
     return fig

@@ -66,6 +66,7 @@ def register_model_builder(name: str):
 def build_model(spec: ModelSpec, device=None) -> torch.nn.Module:
     """The model a spec describes, frozen, in eval mode, on ``device``."""
     from .. import models
+    from . import tiny_models  # noqa: F401  (registers the tiny networks)
 
     if spec.name in _MODEL_BUILDERS:
         with torch.random.fork_rng(devices=[]):
@@ -358,6 +359,22 @@ def same_values(expected, got, rtol: float = 1e-4, atol: float = 1e-5) -> bool:
     return bool(torch.allclose(g, e, rtol=rtol, atol=atol, equal_nan=True))
 
 
+def same_structure(expected, got, rtol: float = 1e-3, atol: float = 1e-4) -> bool:
+    """Like :func:`same_values`, also for tuples, lists and dicts of values (the
+    ``(projected, components, ratio)`` of PCA, a list of ``(n, i, j, value)``)."""
+    if isinstance(expected, (tuple, list)) and not _numeric_sequence(expected):
+        return (isinstance(got, (tuple, list)) and len(got) == len(expected)
+                and all(same_structure(e, g, rtol, atol) for e, g in zip(expected, got)))
+    if isinstance(expected, dict):
+        return (isinstance(got, dict) and set(got) == set(expected)
+                and all(same_structure(expected[k], got[k], rtol, atol) for k in expected))
+    return same_values(expected, got, rtol, atol)
+
+
+def _numeric_sequence(value) -> bool:
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+
+
 def values_close(rtol=1e-4, atol=1e-5) -> Comparison:
     return lambda case, expected, got: same_values(expected, got.value, rtol, atol)
 
@@ -369,7 +386,7 @@ def shape_matches(case, expected, got) -> bool:
 def inputs_unchanged(case: Case, expected, got: Outcome) -> bool:
     """Returns the right values, and the tensor arguments after the call equal the
     ones given (a function that returns nothing useful earns no credit for this)."""
-    if not same_values(expected, got.value, rtol=1e-3, atol=1e-4):
+    if not same_structure(expected, got.value):
         return False
     originals = [to_plain(a) for a in case.args]
     if got.inputs_after is None or len(got.inputs_after) != len(originals):
@@ -383,7 +400,7 @@ def inputs_unchanged(case: Case, expected, got: Outcome) -> bool:
 def good_citizen(case: Case, expected, got: Outcome) -> bool:
     """Returns the right values, leaves no hook on the model, and leaves its mode and
     parameters as they were."""
-    return (same_values(expected, got.value, rtol=1e-3, atol=1e-4) and got.hooks_left == 0
+    return (same_structure(expected, got.value) and got.hooks_left == 0
             and not got.mode_changed and not got.params_changed)
 
 
