@@ -26,7 +26,7 @@ test-fast: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" MPLBACKEND=Agg $(BIN)/python -m pytest -q -m "not slow"
 
 walkthrough: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" MPLBACKEND=Agg $(BIN)/cs-helpers walkthrough --out build/walkthrough
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/cs-helpers walkthrough --out build/walkthrough
 
 release: $(STAMP)
 	rm -rf build/release

@@ -39,13 +39,17 @@ def find_source(submission: Path, notebooks_dir: Path = NOTEBOOKS_DIR) -> Path:
 @contextlib.contextmanager
 def _venv_on_path():
     """nbgrader runs ``alembic`` from PATH when it creates a gradebook: put this
-    interpreter's bin/ first."""
-    old = os.environ.get("PATH", "")
-    os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + old
+    interpreter's bin/ first. Kernels started meanwhile draw inline figures, whatever
+    matplotlib backend the calling process chose (``MPLBACKEND=Agg`` would leave
+    executed notebooks without pictures)."""
+    old_path, old_backend = os.environ.get("PATH", ""), os.environ.pop("MPLBACKEND", None)
+    os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + old_path
     try:
         yield
     finally:
-        os.environ["PATH"] = old
+        os.environ["PATH"] = old_path
+        if old_backend is not None:
+            os.environ["MPLBACKEND"] = old_backend
 
 
 def _api(root: Path, source_directory: str, trusted: bool = True):

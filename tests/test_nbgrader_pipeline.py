@@ -119,3 +119,14 @@ def test_the_attacks_earn_nothing_here(tmp_path):
     assert scores["test_conv2d_im2col"][0] == 0
     # The function written honestly in the same submission keeps its points.
     assert scores["test_linear_templates"][0] == scores["test_linear_templates"][1]
+
+
+@pytest.mark.skipif("filters" not in NOTEBOOKS, reason="needs notebook 01")
+def test_walkthrough_writes_executed_notebooks_with_pictures(tmp_path, monkeypatch):
+    from cs_helpers.course import walkthrough
+
+    monkeypatch.setenv("MPLBACKEND", "Agg")  # as under `make test`: the kernel must still draw
+    rows = walkthrough(tmp_path, [NOTEBOOKS["filters"]])
+    assert [(r.notebook, r.status) for r in rows] == [("filters.ipynb", "ok")]
+    html = (tmp_path / "filters.html").read_text()
+    assert html.count("data:image/png") >= 5
