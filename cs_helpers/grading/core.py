@@ -404,6 +404,25 @@ def good_citizen(case: Case, expected, got: Outcome) -> bool:
             and not got.mode_changed and not got.params_changed)
 
 
+def calls_do_not_grow(small: Case, large: Case, correct: Comparison, factor: float = 2.0,
+                      slack: int = 20) -> Comparison:
+    """A comparison for two ``count_calls`` cases of different sizes: holds when the
+    values are right by ``correct`` and the larger input makes at most
+    ``factor * calls(small) + slack`` Python-level calls (no Python loop over pixels,
+    rows or images)."""
+    counts: dict[int, int] = {}
+
+    def holds(case, expected, got):
+        if not correct(case, expected, got):
+            return False
+        counts[id(case)] = got.python_calls
+        if id(small) in counts and id(large) in counts:
+            return 0 <= counts[id(large)] <= factor * counts[id(small)] + slack
+        return got.python_calls >= 0
+
+    return holds
+
+
 def is_finite_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
