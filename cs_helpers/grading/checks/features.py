@@ -5,9 +5,8 @@ import math
 
 import torch
 
-from .. import tiny_models  # noqa: F401  (registers the tiny seeded networks used below)
-from ..core import (Case, Check, ModelSpec, Property, _as_tensor, calls_do_not_grow,
-                    fresh_generator,                     same_shape, same_values, shape_matches, to_plain, values_close)
+from ..core import (Case, Check, ModelSpec, Property, _as_tensor, calls_do_not_grow, fresh_generator,
+                    same_shape, same_values, shape_matches, to_plain, values_close)
 from ..registry import register
 
 
