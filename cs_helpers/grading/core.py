@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import importlib
 import contextlib
-import math
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -421,10 +420,6 @@ def calls_do_not_grow(small: Case, large: Case, correct: Comparison, factor: flo
         return got.python_calls >= 0
 
     return holds
-
-
-def is_finite_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def fresh_generator(seed: int) -> torch.Generator:
