@@ -37,7 +37,7 @@ def _memory_gb(device: torch.device) -> float:
 
 def _child_env() -> dict:
     keep = ("PATH", "HOME", "LANG", "LC_ALL", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS",
-            "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "MKL_NUM_THREADS", "TMPDIR")
+            "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "MKL_NUM_THREADS", "TMPDIR", "CS_HELPERS_DATA")
     env = {k: os.environ[k] for k in keep if k in os.environ}
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     env["MPLBACKEND"] = "Agg"
