@@ -72,27 +72,61 @@ def bench_saliency(repeat):
     except ModuleNotFoundError:
         print("\n(saliency reference or captum not installed: skipped)")
         return
-    from cs_helpers.data import sample_images
+    from cs_helpers.data import sample_images, toyworld
     from cs_helpers.models import load_model
 
     model = load_model("efficientnet_lite0", device="cpu")
     images = torch.stack([p.image for p in sample_images()[:4]])
     with torch.no_grad():
         targets = model(images).argmax(1)
-    rows = [("gradient_saliency, 4 photos", timed(lambda: saliency.gradient_saliency(model, images, targets), repeat),
-             timed(lambda: attr.Saliency(model).attribute(images.clone().requires_grad_(), target=targets,
-                                                          abs=True).amax(1), repeat))]
-    image, target = images[:1], int(targets[0])
+    toynet = load_model("toynet", device="cpu")
+    world = toyworld(256, seed=0)
+
+    def forward_backward():  # the theoretical minimum of a gradient method: one forward, one backward pass
+        x = images.clone().requires_grad_(True)
+        torch.autograd.grad(model(x).gather(1, targets[:, None]).sum(), x)
 
     def softmaxed(x):
         return model(x).softmax(1)
 
-    rows.append(("occlusion_map 16/8, one photo",
-                 timed(lambda: saliency.occlusion_map(model, image[0], target), 1),
-                 timed(lambda: attr.Occlusion(softmaxed).attribute(image, target=target, sliding_window_shapes=(3, 16, 16),
-                                                                  strides=(3, 8, 8), baselines=0.5,
-                                                                  perturbations_per_eval=64), 1)))
+    image, target = images[0], int(targets[0])
+    segments = _slic_segments(image, 20)
+    rows = [("gradient_saliency, 4 photos",
+             timed(lambda: saliency.gradient_saliency(model, images, targets), repeat),
+             timed(lambda: attr.Saliency(model).attribute(images.clone().requires_grad_(), target=targets,
+                                                          abs=True).amax(1), repeat)),
+            ("guided_backprop, 4 photos (Captum hooks ReLU only)",
+             timed(lambda: saliency.guided_backprop(model, images, targets), repeat),
+             timed(lambda: attr.GuidedBackprop(model).attribute(images.clone().requires_grad_(), target=targets),
+                   repeat)),
+            ("guided_backprop, ToyNet, 256 scenes (both hook every ReLU)",
+             timed(lambda: saliency.guided_backprop(toynet, world.images, world.labels), repeat),
+             timed(lambda: attr.GuidedBackprop(toynet).attribute(world.images.clone().requires_grad_(),
+                                                                 target=world.labels), repeat)),
+            # Batches of 16 for both: on a CPU, small batches are faster per image (cache).
+            ("occlusion_map 16/8, one photo (729 windows)",
+             timed(lambda: saliency.occlusion_map(model, image, target, batch_size=16), 1),
+             timed(lambda: attr.Occlusion(softmaxed).attribute(image[None], target=target,
+                                                               sliding_window_shapes=(3, 16, 16),
+                                                               strides=(3, 8, 8), baselines=0.5,
+                                                               perturbations_per_eval=16), 1)),
+            (f"shapley_values, {int(segments.max()) + 1} SLIC segments, 6 permutations",
+             timed(lambda: saliency.shapley_values(model, image, target, segments, 6, batch_size=16), 1),
+             timed(lambda: attr.ShapleyValueSampling(softmaxed).attribute(
+                 image[None], target=target, baselines=0.5, feature_mask=segments[None, None],
+                 n_samples=6, perturbations_per_eval=16), 1))]
     table("saliency references vs Captum on EfficientNet-Lite0 (CPU)", rows)
+    table("gradient methods vs their minimum, one forward and one backward pass (4 photos)",
+          [("gradient_saliency", rows[0][1], timed(forward_backward, repeat)),
+           ("guided_backprop", rows[1][1], timed(forward_backward, repeat))])
+
+
+def _slic_segments(image, n_segments):
+    from skimage.segmentation import slic
+
+    labels = slic(image.permute(1, 2, 0).double().numpy(), n_segments=n_segments, compactness=20, start_label=0)
+    _, ids = torch.unique(torch.from_numpy(labels), return_inverse=True)
+    return ids.long()
 
 
 def main():

@@ -12,7 +12,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-__all__ = ["capture", "get_layer", "model_device", "relu_backward_hooks"]
+__all__ = ["capture", "get_layer", "model_device", "relu_backward_hooks", "relu_gradient_hooks"]
 
 
 def get_layer(model: nn.Module, layer) -> nn.Module:
@@ -71,6 +71,10 @@ def capture(model: nn.Module, layer, *, retain_grad: bool = False) -> Iterator[C
         handle.remove()
 
 
+def _activations(model: nn.Module) -> list[nn.Module]:
+    return [module for module in model.modules() if isinstance(module, (nn.ReLU, nn.ReLU6))]
+
+
 @contextlib.contextmanager
 def relu_backward_hooks(model: nn.Module, rule) -> Iterator[int]:
     """Replaces the gradient leaving every ``nn.ReLU`` and ``nn.ReLU6`` of ``model``.
@@ -89,12 +93,34 @@ def relu_backward_hooks(model: nn.Module, rule) -> Iterator[int]:
         return (rule(module, inputs[id(module)], grad_output[0]),)
 
     try:
-        for module in model.modules():
-            if isinstance(module, (nn.ReLU, nn.ReLU6)):
-                handles.append(module.register_forward_pre_hook(forward_pre))
-                handles.append(module.register_full_backward_hook(backward))
+        for module in _activations(model):
+            handles.append(module.register_forward_pre_hook(forward_pre))
+            handles.append(module.register_full_backward_hook(backward))
         yield len(handles) // 2
     finally:
         for handle in handles:
             handle.remove()
         inputs.clear()
+
+
+@contextlib.contextmanager
+def relu_gradient_hooks(model: nn.Module, transform) -> Iterator[int]:
+    """Like :func:`relu_backward_hooks`, for rules that need no record of the forward
+    pass: ``transform(module, grad_input, grad_output) -> new grad_input`` receives the
+    gradient autograd computed for the activation's input (``grad_output`` times the
+    local derivative: ``1[x > 0]`` for ReLU, ``1[0 < x < 6]`` for ReLU6) and the
+    gradient arriving from above. Cheaper than recording every activation's input.
+    Yields the number of activations hooked.
+    """
+    handles = []
+
+    def backward(module, grad_input, grad_output):
+        return (transform(module, grad_input[0], grad_output[0]),)
+
+    try:
+        for module in _activations(model):
+            handles.append(module.register_full_backward_hook(backward))
+        yield len(handles)
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -69,16 +69,33 @@ def test_student_release_has_no_reference(student_release):
     assert not list(student_release.rglob("nbgrader_config.py"))
 
 
-@pytest.mark.skipif("filters" not in NOTEBOOKS, reason="needs notebook 01")
-def test_one_wrong_function_loses_its_points_and_no_others(tmp_path):
-    path = _with_solution(NOTEBOOKS["filters"], tmp_path / "filters.ipynb", "normalize_filters",
-                          GLOBAL_NORMALIZATION)
+# Another: summing the gradient's colour channels instead of taking their maximum.
+CHANNEL_SUM_SALIENCY = '''import torch
+
+def gradient_saliency(model, images, targets):
+    """Sums over the colour channels instead of taking the max."""
+    x = images.detach().clone().requires_grad_(True)
+    t = targets if isinstance(targets, torch.Tensor) else torch.full((len(x),), targets)
+    with torch.enable_grad():
+        (g,) = torch.autograd.grad(model(x).gather(1, t[:, None]).sum(), x)
+    return g.abs().sum(dim=1)
+'''
+
+WRONG_FUNCTIONS = [("filters", "normalize_filters", GLOBAL_NORMALIZATION),
+                   ("saliency", "gradient_saliency", CHANNEL_SUM_SALIENCY)]
+
+
+@pytest.mark.parametrize("topic, grade_id, source", [pytest.param(*w, id=w[1]) for w in WRONG_FUNCTIONS])
+def test_one_wrong_function_loses_its_points_and_no_others(topic, grade_id, source, tmp_path):
+    if topic not in NOTEBOOKS:
+        pytest.skip(f"needs the {topic} notebook")
+    path = _with_solution(NOTEBOOKS[topic], tmp_path / NOTEBOOKS[topic].name, grade_id, source)
     scores = _scores(grade_submission(path))
-    for grade_id, (score, maximum) in scores.items():
-        if grade_id == "test_normalize_filters":
-            assert 0 < score < maximum
+    for cell_id, (score, maximum) in scores.items():
+        if cell_id == f"test_{grade_id}":
+            assert 0 < score < maximum, cell_id
         else:
-            assert score == maximum, grade_id
+            assert score == maximum, cell_id
 
 
 ATTACK = '''get_ipython().input_transformers_cleanup.append(lambda lines: ['pass\\n'])

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from cs_helpers import viz
-from cs_helpers.hooks import capture, get_layer, relu_backward_hooks
+from cs_helpers.hooks import capture, get_layer, relu_backward_hooks, relu_gradient_hooks
 
 
 def test_pictures_return_figures():
@@ -40,6 +40,30 @@ def test_relu_backward_hooks_come_off_and_apply_the_rule(lite0):
         lite0(x)[0, 1].backward()
     assert count == 33 and torch.count_nonzero(x.grad) == 0
     assert all(not m._backward_hooks and not m._forward_pre_hooks for m in lite0.modules())
+
+
+def test_relu_gradient_hooks_see_autograds_gradient_and_come_off(lite0):
+    x = torch.rand(1, 3, 32, 32)
+    seen = []
+
+    def keep(module, grad_input, grad_output):
+        seen.append((module, grad_input, grad_output))
+        return grad_input
+
+    plain = x.clone().requires_grad_(True)
+    lite0(plain)[0, 1].backward()
+    hooked = x.clone().requires_grad_(True)
+    with relu_gradient_hooks(lite0, keep) as count:
+        lite0(hooked)[0, 1].backward()
+    assert count == 33 and len(seen) == 33
+    torch.testing.assert_close(hooked.grad, plain.grad)       # returning grad_input changes nothing
+    relu6 = next(m for m in lite0.modules() if isinstance(m, torch.nn.ReLU6))
+    _, grad_input, grad_output = next(s for s in seen if s[0] is relu6)
+    assert torch.count_nonzero(grad_input) <= torch.count_nonzero(grad_output)
+    assert all(not m._backward_hooks for m in lite0.modules())
+    with pytest.raises(RuntimeError), relu_gradient_hooks(lite0, keep):
+        raise RuntimeError("boom")
+    assert all(not m._backward_hooks for m in lite0.modules())
 
 
 def test_get_layer_errors_name_the_problem(lite0):
