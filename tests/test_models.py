@@ -4,6 +4,7 @@ from torch import nn
 
 from cs_helpers import device
 from cs_helpers.data import sample_images
+from cs_helpers.grading.core import full_float32
 from cs_helpers.models import EMBEDDED_DEFAULT, imagenet_classes, load_model, predict_topk
 
 
@@ -117,5 +118,10 @@ def test_embedded_model_on_cuda_matches_cpu(lite0, photos):
     images = torch.stack([p.image for p in photos[:3]])
     gpu = load_model(EMBEDDED_DEFAULT, device="cuda")
     with torch.no_grad():
-        diff = (gpu(images.cuda()).cpu() - lite0(images)).abs().max().item()
-    assert diff < 1e-3
+        cpu = lite0(images)
+        with full_float32():
+            exact = gpu(images.cuda()).cpu()
+        fast = gpu(images.cuda()).cpu()        # cuDNN's default: TF32 convolutions on recent GPUs
+    assert (exact - cpu).abs().max().item() < 1e-3
+    # TF32 moved the logits by 0.008 on an H100; the predictions stay.
+    assert torch.equal(fast.argmax(1), cpu.argmax(1)) and (fast - cpu).abs().max().item() < 0.1

@@ -289,6 +289,24 @@ def to_plain(value):
     return value
 
 
+@contextlib.contextmanager
+def full_float32():
+    """Float32 convolutions and matrix products at full precision on CUDA for the
+    duration of the block (no TF32, which cuDNN uses for convolutions by default on
+    Ampere and later GPUs, with about 1e-3 relative error): a function graded on a
+    GPU then agrees with the reference, computed in another order or on the CPU, to
+    float32 tolerance. Restores the previous settings."""
+    cudnn = torch.backends.cudnn
+    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        with cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic,
+                         allow_tf32=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+
+
 def call_case(func: Callable, case: Case, device=None, cache=None) -> Outcome:
     """Calls ``func`` on a fresh copy of the case's inputs and records what it did."""
     args = materialize(case.args, device, cache)
@@ -301,7 +319,7 @@ def call_case(func: Callable, case: Case, device=None, cache=None) -> Outcome:
         if counter is not None:
             sys.setprofile(counter)
         try:
-            with recorder:
+            with recorder, full_float32():
                 value = func(*args, **kwargs)
         finally:
             if counter is not None:

@@ -21,8 +21,8 @@ import itertools
 
 import torch
 
-from ..core import (Case, Check, ModelSpec, Property, calls_do_not_grow, fresh_generator, good_citizen,
-                    inputs_unchanged, materialize, same_shape, same_values, shape_matches)
+from ..core import (Case, Check, ModelSpec, Property, calls_do_not_grow, fresh_generator, full_float32,
+                    good_citizen, inputs_unchanged, materialize, same_shape, same_values, shape_matches)
 from ..registry import register
 
 
@@ -81,7 +81,8 @@ class _Variants:
             if knobs.get("baseline", None) is None:
                 knobs.pop("baseline", None)
             kwargs.update(knobs)
-            self.values[slot] = getattr(_reference(), helper)(*args, **kwargs).detach().cpu()
+            with full_float32():
+                self.values[slot] = getattr(_reference(), helper)(*args, **kwargs).detach().cpu()
         return self.values[slot]
 
 
