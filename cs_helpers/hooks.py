@@ -1,5 +1,6 @@
-"""Hooks that always come off: capturing a layer's output, and swapping the backward
-rule of every ReLU for the duration of a block.
+"""Hooks that always come off: capturing a layer's output, reading a layer's neurons as
+if they were class scores, and swapping the backward rule of every ReLU for the
+duration of a block.
 
 Every context manager here removes what it registered on exit, also when the body
 raises, so graded functions built on them never leave a hook behind.
@@ -12,7 +13,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-__all__ = ["capture", "get_layer", "model_device", "relu_backward_hooks", "relu_gradient_hooks"]
+__all__ = ["NeuronScores", "capture", "get_layer", "model_device", "relu_backward_hooks",
+           "relu_gradient_hooks"]
 
 
 def get_layer(model: nn.Module, layer) -> nn.Module:
@@ -69,6 +71,63 @@ def capture(model: nn.Module, layer, *, retain_grad: bool = False) -> Iterator[C
         yield record
     finally:
         handle.remove()
+
+
+class NeuronScores(nn.Module):
+    """Every neuron of one layer as a score: ``forward(images)`` returns the layer's
+    output ``(N, C, h, w)`` flattened to ``(N, C * h * w)``.
+
+    Anything written for class scores (``gradient_saliency``, ``guided_backprop``, …)
+    then explains a single intermediate neuron, as in Zeiler & Fergus (2014) and
+    Springenberg et al. (2015): pass ``scores.index(channel, row, col)`` as the target.
+    The model runs whole (the layers after ``layer`` compute but do not matter); the
+    hook that reads the layer is registered for one forward pass and then removed.
+
+    When ``layer`` is itself an activation module, a backward hook on that very module
+    does not see the gradient of its own output (PyTorch runs forward hooks before it
+    attaches backward hooks to the output). For a single neuron that changes nothing:
+    the gradient arriving there is 1 at the neuron and 0 elsewhere, never negative.
+
+    Parameters
+    ----------
+    model : nn.Module mapping ``(N, 3, H, W)`` images to anything.
+    layer : dotted name of a submodule returning a tensor ``(N, C, h, w)``, or the
+        submodule itself.
+    """
+
+    def __init__(self, model: nn.Module, layer):
+        super().__init__()
+        module = get_layer(model, layer)     # fails early, naming the layers there are
+        self.model = model
+        self.layer = next(name for name, m in model.named_modules() if m is module)   # a str
+        self.training = model.training       # model.train(was) by a caller must not flip it
+        self.shape: tuple[int, int, int] | None = None
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        with capture(self.model, self.layer) as record:
+            self.model(images)
+        output = record.output
+        if output is None:
+            raise RuntimeError(f"layer {self.layer!r} did not run in the model's forward pass")
+        if output.dim() != 4:
+            raise ValueError(f"layer {self.layer!r} must return (N, C, h, w); got {tuple(output.shape)}")
+        self.shape = tuple(output.shape[1:])
+        return output.flatten(1)
+
+    def index(self, channel, row, col):
+        """The flat index of neuron ``(channel, row, col)`` (ints or equal-shape integer
+        tensors), valid once a forward pass has recorded the layer's shape."""
+        if self.shape is None:
+            raise RuntimeError("the layer's shape is known after the first forward pass; "
+                               "call scores(images) once before index()")
+        c, h, w = self.shape
+        for name, value, size in (("channel", channel, c), ("row", row, h), ("col", col, w)):
+            value = torch.as_tensor(value)
+            if value.is_floating_point() or bool(((value < 0) | (value >= size)).any()):
+                raise ValueError(f"{name} must be an integer in [0, {size - 1}] for layer "
+                                 f"{self.layer!r} of shape {self.shape}; got {value.tolist()}")
+        index = (torch.as_tensor(channel) * h + torch.as_tensor(row)) * w + torch.as_tensor(col)
+        return int(index) if index.dim() == 0 else index.long()
 
 
 def _activations(model: nn.Module) -> list[nn.Module]:

@@ -806,3 +806,48 @@ def test_a_function_returning_nothing_or_crashing_earns_nothing(name):
     assert _grade(name, lambda *a, **k: None).score == 0
     report = _grade(name, crashes)
     assert report.score == 0 and any("raised RuntimeError: oops" in e for e in report.errors)
+
+
+# ------------------------------------------------------- single neurons (notebook section 7)
+
+def _field_box(position, field):
+    """Rows (or columns) first..last seen by output ``position``, from (size, jump, start)."""
+    size, jump, start = field
+    first = math.floor(start + position * jump - (size - 1) / 2)
+    return first, first + size - 1
+
+
+def _outside_box(maps, rows, cols):
+    keep = torch.zeros(maps.shape[-2:], dtype=torch.bool)
+    keep[max(rows[0], 0):rows[1] + 1, max(cols[0], 0):cols[1] + 1] = True
+    return maps[..., ~keep]
+
+
+@pytest.mark.parametrize("model_name, layer, field, positions", [
+    # ToyNet: conv 5x5, maxpool 2, conv 3x3, maxpool 2, conv 3x3 up to relu3.
+    ("toynet", "relu3", ((5, 1, 2), (2, 2, 0), (3, 1, 1), (2, 2, 0), (3, 1, 1)), [(8, 5), (0, 15), (3, 12)]),
+    # Lite0 up to blocks.4.expand: notebook 02's chain, TensorFlow "same" padding at 224 px.
+    ("lite0", "blocks.4.expand.bn", None, [(14, 14), (0, 27), (5, 20)]),
+])
+def test_one_neurons_maps_are_zero_outside_its_receptive_field(model_name, layer, field, positions, toynet, lite0):
+    from cs_helpers.hooks import NeuronScores
+    from cs_helpers.reference.features import receptive_field
+
+    model, size = (toynet, 64) if model_name == "toynet" else (lite0, 224)
+    field = receptive_field(field) if field else (35, 8, 7.0)
+    if model_name == "toynet":
+        assert field == (20, 4, 1.5)
+    scores = NeuronScores(model, layer)
+    images = rand(len(positions), 3, size, size, seed=5)
+    with torch.no_grad():
+        acts = scores(images).view(len(positions), *scores.shape)
+    # At each position the channel that responds most, so that the neuron is active.
+    index = torch.tensor([scores.index(int(acts[n, :, i, j].argmax()), i, j) for n, (i, j) in enumerate(positions)])
+    guided = guided_backprop(scores, images, index)
+    saliency = gradient_saliency(scores, images, index)
+    for n, (i, j) in enumerate(positions):
+        rows, cols = _field_box(i, field), _field_box(j, field)
+        assert torch.count_nonzero(_outside_box(guided[n], rows, cols)) == 0
+        assert torch.count_nonzero(_outside_box(saliency[n], rows, cols)) == 0
+        assert torch.count_nonzero(saliency[n]) > 0
+    assert hook_count(model) == 0
