@@ -121,13 +121,16 @@ class NeuronScores(nn.Module):
             raise RuntimeError("the layer's shape is known after the first forward pass; "
                                "call scores(images) once before index()")
         c, h, w = self.shape
+        checked = []
         for name, value, size in (("channel", channel, c), ("row", row, h), ("col", col, w)):
             value = torch.as_tensor(value)
             if value.is_floating_point() or bool(((value < 0) | (value >= size)).any()):
                 raise ValueError(f"{name} must be an integer in [0, {size - 1}] for layer "
                                  f"{self.layer!r} of shape {self.shape}; got {value.tolist()}")
-        index = (torch.as_tensor(channel) * h + torch.as_tensor(row)) * w + torch.as_tensor(col)
-        return int(index) if index.dim() == 0 else index.long()
+            checked.append(value.long())
+        channel, row, col = checked
+        index = (channel * h + row) * w + col
+        return int(index) if index.dim() == 0 else index
 
 
 def _activations(model: nn.Module) -> list[nn.Module]:
