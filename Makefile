@@ -8,21 +8,37 @@ STAMP := $(VENV)/.installed
 # beside another torch build fails to import); the pins live here, the package itself
 # asks only for ranges (pyproject.toml).
 TORCH_PAIR ?= torch==2.14.1 torchvision==0.29.1
+TORCHATTACKS ?= torchattacks==3.5.1
 
-.PHONY: setup test test-fast walkthrough release benchmark clean
+.PHONY: setup system test test-fast walkthrough release benchmark clean
 
-setup: $(STAMP)
+setup: $(STAMP) system
+
+# Debian packages the course needs: bubblewrap, the sandbox every process that runs
+# student code starts in. Installed when missing (as root, as in CI); otherwise say how.
+SYSTEM_PACKAGES := bubblewrap
+system:
+	@if ! command -v bwrap >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES); \
+		else \
+			echo "Install bubblewrap (Debian/Ubuntu: sudo apt-get install bubblewrap): grading runs student code only inside it."; \
+		fi; \
+	fi
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet $(TORCH_PAIR)
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	# torchattacks (a peer the tests compare with) pins requests~=2.25, which Jupyter's
+	# stack outgrew; it never uses requests for the attacks, so it comes without its pins.
+	$(BIN)/python -m pip install --quiet --no-deps $(TORCHATTACKS)
 	touch $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) system
 	PATH="$(CURDIR)/$(BIN):$$PATH" MPLBACKEND=Agg $(BIN)/python -m pytest -q
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) system
 	PATH="$(CURDIR)/$(BIN):$$PATH" MPLBACKEND=Agg $(BIN)/python -m pytest -q -m "not slow"
 
 walkthrough: $(STAMP)

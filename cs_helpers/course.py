@@ -68,8 +68,43 @@ def _api(root: Path, source_directory: str, trusted: bool = True):
 
 def _check(result: dict, what: str) -> None:
     if not result.get("success"):
-        log = (result.get("log") or "") + (result.get("error") or "")
-        raise RuntimeError(f"nbgrader {what} failed:\n{log[-3000:]}")
+        log = ((result.get("error") or "") + "\n" + (result.get("log") or "")).strip()
+        cause = _cause(log)
+        raise RuntimeError(f"nbgrader {what} failed: {cause}\n{log[-3000:]}")
+
+
+def _cause(log: str) -> str:
+    """The line of an nbgrader log that says why it failed (the last error line)."""
+    lines = [line.strip() for line in log.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if "Error" in line or "refusing" in line or "failed" in line.lower():
+            return line[:500]
+    return lines[-1][:500] if lines else "no reason given"
+
+
+class GradebookTampered(RuntimeError):
+    """A fresh autograde found scores that only a person or the student could have set."""
+
+
+@contextlib.contextmanager
+def _sandbox_choice(sandboxed: bool):
+    """``sandboxed=False`` (``--no-sandbox``) lets this process grade without the OS
+    sandbox: for one's own trusted work only."""
+    from .grading import isolation
+
+    if sandboxed:
+        isolation.require_sandbox()
+        yield
+        return
+    old = os.environ.get(isolation.UNSANDBOXED_ENV)
+    os.environ[isolation.UNSANDBOXED_ENV] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(isolation.UNSANDBOXED_ENV, None)
+        else:
+            os.environ[isolation.UNSANDBOXED_ENV] = old
 
 
 @dataclass
@@ -102,13 +137,17 @@ def _messages(autograded: Path) -> dict[str, str]:
 
 
 def grade_submission(submission, notebooks_dir: Path = NOTEBOOKS_DIR, workdir=None,
-                     trusted: bool = True) -> NotebookScore:
+                     trusted: bool = True, sandboxed: bool = True) -> NotebookScore:
     """Autogrades one submitted notebook against the source notebook of the same name.
 
     The submission is copied into a fresh temporary course directory; nothing is
-    written next to it. Returns the score of every autograded test cell.
-    ``trusted=False`` turns off the trust boundary (stock nbgrader scoring); it exists
-    to demonstrate what the boundary prevents, never for real grading."""
+    written next to it. Returns the trusted automatic score of every autograded test
+    cell; a manual score or extra credit found in the fresh gradebook (which only a
+    process other than the grader could have written) raises :class:`GradebookTampered`.
+    ``sandboxed=False`` grades without the OS sandbox (own, trusted work only; without
+    it a machine with no sandbox refuses). ``trusted=False`` turns off the trust
+    boundary (stock nbgrader scoring); it exists to demonstrate what the boundary
+    prevents, never for real grading."""
     from nbgrader.api import Gradebook
 
     submission = Path(submission)
@@ -117,7 +156,8 @@ def grade_submission(submission, notebooks_dir: Path = NOTEBOOKS_DIR, workdir=No
     source = find_source(submission, notebooks_dir)
     assignment = source.parent.name
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="cs-course-", dir=workdir) as tmp, _venv_on_path():
+    with (_sandbox_choice(sandboxed), tempfile.TemporaryDirectory(prefix="cs-course-", dir=workdir) as tmp,
+          _venv_on_path()):
         root = Path(tmp)
         shutil.copytree(source.parent, root / "source" / assignment,
                         ignore=shutil.ignore_patterns(".ipynb_checkpoints", "__pycache__"))
@@ -132,9 +172,14 @@ def grade_submission(submission, notebooks_dir: Path = NOTEBOOKS_DIR, workdir=No
             nb = gb.find_submission_notebook(source.stem, assignment, STUDENT_ID)
             cells = []
             for grade in sorted(nb.grades, key=lambda g: g.name):
+                if grade.manual_score is not None or grade.extra_credit:
+                    raise GradebookTampered(
+                        f"refusing the scores of {submission}: the fresh gradebook holds a manual score "
+                        f"or extra credit for {grade.name}, which only something other than the grader "
+                        "could have written")
                 if grade.cell.cell_type != "code":
                     continue  # written answers are graded by hand
-                cells.append({"grade_id": grade.name, "score": float(grade.score or 0.0),
+                cells.append({"grade_id": grade.name, "score": float(grade.auto_score or 0.0),
                               "max_score": float(grade.max_score), "message": messages.get(grade.name, "")})
             result = NotebookScore(source.name, assignment, sum(c["score"] for c in cells),
                                    sum(c["max_score"] for c in cells), cells)

@@ -1,22 +1,16 @@
 """The child process in which student code runs during trusted grading.
 
-Run as ``python -I -m cs_helpers.grading.child JOB_DIR``. ``JOB_DIR/job.json`` names the
-function, the cell sources to execute, the limits and the forbidden paths;
-``JOB_DIR/cases.pt`` holds the inputs. The child writes ``JOB_DIR/result.json`` and
-``JOB_DIR/arrays.npz``: plain JSON and plain numeric arrays, nothing the grader would
-have to unpickle.
+Started by :mod:`cs_helpers.grading.sandbox` inside the OS sandbox
+(:mod:`cs_helpers.grading.isolation`), with the student build of ``cs_helpers`` on its
+path and the job folder bound read-only at ``JOB_DIR``: ``job.json`` names the function,
+the cell sources to execute and the time limits, ``cases.pt`` holds the inputs. The
+grader set the resource limits before the sandbox started; nothing here is a guard.
 
-Before any student code runs, the child
-
-* limits its memory, CPU time, file size and core dumps (``resource``);
-* installs an audit hook (which Python code cannot remove) that refuses imports of
-  ``cs_helpers.reference``, opening files under the forbidden paths (the reference,
-  the instructor's source notebooks, the gradebook), starting processes, and loading
-  native code through ``ctypes``;
-* takes away stdin and sends the student's prints to a capped buffer.
-
-Nothing the child computes is trusted: the grader compares its arrays with the
-reference in its own process.
+The child keeps its original standard output for the result and sends everything else
+(the student's prints, C-level writes to fd 1) to a capped buffer or ``/dev/null``. It
+writes one blob (:func:`cs_helpers.grading.encoding.pack_result`): plain JSON and plain
+numeric arrays, which the grader reads with limits and compares with the reference in
+its own process. Nothing the child computes is trusted.
 """
 from __future__ import annotations
 
@@ -24,18 +18,10 @@ import contextlib
 import io
 import json
 import os
-import resource
 import signal
 import sys
 import time
 from pathlib import Path
-
-_BLOCKED_EVENTS = {
-    "subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork",
-    "os.forkpty", "pty.spawn", "ctypes.dlopen", "ctypes.dlsym", "ctypes.addressof",
-    "ctypes.call_function", "sys.settrace", "socket.connect", "socket.bind",
-}
-_REFERENCE_MODULE = "cs_helpers.reference"
 
 
 class CellTimeout(BaseException):
@@ -45,55 +31,6 @@ class CellTimeout(BaseException):
 
 def _alarm(_signum, _frame):
     raise CellTimeout()
-
-
-def _limit_resources(memory_gb: float, cpu_s: int) -> None:
-    if memory_gb > 0:
-        limit = int(memory_gb * 2**30)
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 5))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 2**20, 256 * 2**20))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
-
-def _install_guard(forbidden: list[str], allowed_writes: list[str]) -> None:
-    roots = [os.path.realpath(p) for p in forbidden]
-    writable = [os.path.realpath(p) for p in allowed_writes]
-
-    def inside(path, folders):
-        try:
-            real = os.path.realpath(os.fspath(path))
-        except Exception:
-            return False
-        return any(real == r or real.startswith(r + os.sep) for r in folders)
-
-    def guard(event, args):
-        if event in _BLOCKED_EVENTS:
-            raise PermissionError(f"not allowed while grading: {event}")
-        if event == "import":
-            name = args[0] or ""
-            if name == _REFERENCE_MODULE or name.startswith(_REFERENCE_MODULE + "."):
-                raise ImportError("cs_helpers.reference is not available to graded code")
-        elif event == "open":
-            path, mode = args[0], args[1]
-            if isinstance(path, int):
-                return
-            if inside(path, roots):
-                raise PermissionError("this file is not readable while grading")
-            writing = isinstance(mode, str) and any(c in mode for c in "wax+")
-            if isinstance(mode, int):  # os.open flags
-                writing = bool(mode & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC))
-            if writing and not inside(path, writable):
-                raise PermissionError("graded code may not write files")
-        elif event in ("os.remove", "os.rename", "os.rmdir", "shutil.rmtree", "os.truncate", "os.chmod"):
-            if not inside(args[0], writable):
-                raise PermissionError(f"graded code may not change files ({event})")
-
-    sys.addaudithook(guard)
-    # Also drop an already imported reference, so nothing reaches it through sys.modules.
-    for name in list(sys.modules):
-        if name == _REFERENCE_MODULE or name.startswith(_REFERENCE_MODULE + "."):
-            del sys.modules[name]
 
 
 def _strip_magics(source: str) -> str:
@@ -120,14 +57,22 @@ class _CappedBuffer(io.StringIO):
         return len(text)
 
 
+def _private_result_channel():
+    """Moves the result pipe away from fd 1; fd 1 then goes nowhere."""
+    result = os.fdopen(os.dup(1), "wb")
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+    return result
+
+
 def main(job_dir: str) -> int:
     job_path = Path(job_dir)
     job = json.loads((job_path / "job.json").read_text())
+    result_channel = _private_result_channel()
     signal.signal(signal.SIGALRM, _alarm)
-    _limit_resources(job["memory_gb"], job["cpu_s"])
 
-    # Trusted imports first, while the interpreter is still ours.
-    import numpy as np
+    # The grader's imports first, before any student code runs.
     import torch
 
     from cs_helpers.grading import core, encoding
@@ -141,9 +86,6 @@ def main(job_dir: str) -> int:
                        label=c["label"], count_calls=c["count_calls"],
                        record_torch_calls=c["record_torch_calls"]) for c in raw_cases]
 
-    result_path = job_path / "result.json"
-    arrays_path = job_path / "arrays.npz"
-    _install_guard(job["forbidden"], [str(job_path)])
     sys.stdin = io.StringIO("")
     captured = _CappedBuffer()
 
@@ -187,8 +129,8 @@ def main(job_dir: str) -> int:
             budget -= time.monotonic() - start
 
     skeleton, arrays = encoding.encode_outcomes(outcomes)
-    np.savez(arrays_path, **arrays)
-    result_path.write_text(json.dumps({"outcomes": skeleton, "cell_errors": cell_errors}))
+    result_channel.write(encoding.pack_result(skeleton, cell_errors, arrays))
+    result_channel.close()
     return 0
 
 

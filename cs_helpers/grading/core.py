@@ -117,12 +117,19 @@ Comparison = Callable[[Case, Any, Outcome], bool]
 
 @dataclass
 class Property:
-    """One thing the function must get right, tested on ``cases``."""
+    """One thing the function must get right, tested on ``cases``.
+
+    ``feedback_only`` marks a property whose evidence is recorded inside the process
+    that runs the graded code (hooks left on the model, its mode, the inputs after the
+    call, counts of Python or torch calls): that code can forge such evidence, so the
+    property earns no points anywhere. It is still checked, and its message shown, as
+    advice. Points come only from what a function returns."""
 
     description: str
     weight: float
     cases: list[Case]
     holds: Comparison
+    feedback_only: bool = False
 
 
 @dataclass
@@ -135,17 +142,23 @@ class Report:
     passed: list[str]
     failed: list[str]
     errors: list[str] = field(default_factory=list)
+    advice: list[str] = field(default_factory=list)  # feedback-only properties that fail
 
     @property
     def message(self) -> str:
         head = f"{self.name}: {self.score:g} / {self.points:g} points"
         if not self.failed:
-            return head + " - every property checked holds."
+            return "\n".join([head + " - every property checked holds."] + self._advice_lines())
         lines = [head + f" - {len(self.passed)} of {len(self.passed) + len(self.failed)} properties hold.",
                  "Not yet right:"]
         lines += [f"  - {d}" for d in self.failed]
         lines += [f"  ({e})" for e in self.errors[:3]]
-        return "\n".join(lines)
+        return "\n".join(lines + self._advice_lines())
+
+    def _advice_lines(self) -> list[str]:
+        if not self.advice:
+            return []
+        return ["Also worth fixing (advice, no points):"] + [f"  - {d}" for d in self.advice]
 
     def __str__(self):
         return self.message
@@ -175,8 +188,8 @@ class Check:
                  got: dict[int, Outcome], points: float | None = None) -> Report:
         """Scores outcomes; ``expected`` and ``got`` map ``id(case)`` to outcomes."""
         points = self.points if points is None else points
-        total = sum(p.weight for p in props)
-        earned, passed, failed, errors = 0.0, [], [], []
+        total = sum(p.weight for p in props if not p.feedback_only)
+        earned, passed, failed, errors, advice = 0.0, [], [], [], []
         for prop in props:
             ok = True
             for case in prop.cases:
@@ -193,10 +206,14 @@ class Check:
                 except Exception:
                     ok = False  # a malformed return value fails the property, quietly
                     break
+            if prop.feedback_only:
+                if not ok:
+                    advice.append(prop.description)
+                continue
             (passed if ok else failed).append(prop.description)
             earned += prop.weight if ok else 0.0
         score = round(points * earned / total, 4) if total else 0.0
-        return Report(self.name, score, points, passed, failed, errors)
+        return Report(self.name, score, points, passed, failed, errors, advice)
 
 
 def unique_cases(props: Sequence[Property]) -> list[Case]:

@@ -1,4 +1,10 @@
-"""nbgrader integration: the trusted score of every graded function.
+"""nbgrader integration: the sandboxed execution and the trusted score of every graded
+function.
+
+:class:`SandboxedExecute` replaces nbgrader's ``Execute``: the notebook's kernel runs in
+the OS sandbox (:mod:`cs_helpers.grading.isolation`), and a kernel that dies costs only
+the cells it did not reach (the notebook is still graded, and the cell that ended the
+kernel says so), where stock nbgrader fails the whole autograde.
 
 :class:`TrustedScores` is an nbgrader preprocessor placed in
 ``Autograde.autograde_preprocessors`` just before ``SaveAutoGrades``. For every test
@@ -18,14 +24,16 @@ from pathlib import Path
 
 from nbformat.v4 import new_output
 from nbgrader.api import Gradebook
-from nbgrader.preprocessors import NbGraderPreprocessor
-from traitlets import Bool, List, Unicode
+from nbgrader.preprocessors import Execute, NbGraderPreprocessor
+from traitlets import Bool, Unicode
 
-from . import registry
+from . import isolation, registry
 from .sandbox import trusted_score
 
 SETUP_CELL_ID = "setup"
-_REPO_NOTEBOOKS = Path(__file__).resolve().parent.parent.parent / "notebooks"
+KERNEL_DIED = ("The kernel stopped while running this cell (the code ended the process, "
+               "crashed it or exhausted its memory); the cells after it were not run. "
+               "Every graded function is still scored on its own.")
 
 
 def preload() -> None:
@@ -46,9 +54,29 @@ def _grade_id(cell) -> str | None:
     return cell.get("metadata", {}).get("nbgrader", {}).get("grade_id")
 
 
-def _sqlite_path(db_url: str) -> str | None:
-    prefix = "sqlite:///"
-    return db_url[len(prefix):] if db_url.startswith(prefix) else None
+class SandboxedExecute(Execute):
+    """nbgrader's ``Execute`` with the kernel in the OS sandbox, surviving its death."""
+
+    def preprocess(self, nb, resources, retries=None):
+        if isolation.require_sandbox():
+            self.kernel_manager_class = isolation._kernel_manager_class()
+        self._running = None
+        try:
+            return super().preprocess(nb, resources)
+        except Exception as exc:  # the kernel died (or stopped answering) mid-notebook
+            if self._running is None:
+                raise
+            index = self._running
+            self.log.warning("The kernel died in cell %s (%s); the notebook is graded anyway.",
+                             index, type(exc).__name__)
+            cell = nb.cells[index]
+            cell.outputs = list(cell.get("outputs", [])) + [new_output(
+                "error", ename="KernelDied", evalue=KERNEL_DIED, traceback=[KERNEL_DIED])]
+            return nb, resources
+
+    def preprocess_cell(self, cell, resources, index):
+        self._running = index
+        return super().preprocess_cell(cell, resources, index)
 
 
 class TrustedScores(NbGraderPreprocessor):
@@ -56,9 +84,6 @@ class TrustedScores(NbGraderPreprocessor):
     the grader's own process."""
 
     enabled = Bool(True, help="Whether to recompute scores across the trust boundary.").tag(config=True)
-    forbidden_paths = List(Unicode(), [], help=(
-        "Folders the student's code may not read while it is graded (the course root, "
-        "the instructor's source notebooks).")).tag(config=True)
     device = Unicode("", help="Device for grading ('cpu', 'cuda'); empty picks CUDA when present.").tag(config=True)
 
     def preprocess(self, nb, resources):
@@ -74,10 +99,8 @@ class TrustedScores(NbGraderPreprocessor):
         setup = sources[SETUP_CELL_ID].source if SETUP_CELL_ID in sources else ""
         student_cells = [cell.source for cell in nb.cells
                          if cell.cell_type == "code" and _grade_id(cell) in solution_ids]
-        forbidden = [*self.forbidden_paths, str(_REPO_NOTEBOOKS)]
-        db_path = _sqlite_path(info["db_url"])
-        if db_path:
-            forbidden.append(db_path)
+        sandboxed = isolation.require_sandbox()
+        secret = registry.course_secret()
         checks = registry.load_all()
         for cell in nb.cells:
             grade_id = _grade_id(cell)
@@ -86,13 +109,14 @@ class TrustedScores(NbGraderPreprocessor):
             name = grade_id[len("test_"):]
             if name not in checks or grade_id not in max_scores:
                 continue
-            report = trusted_score(checks[name], [setup, *student_cells], registry.hidden_seed(name),
-                                   points=max_scores[grade_id], forbidden=forbidden,
-                                   device=self.device or None)
+            report = trusted_score(checks[name], [setup, *student_cells], registry.hidden_seed(name, secret),
+                                   points=max_scores[grade_id], device=self.device or None,
+                                   sandboxed=sandboxed)
             self.log.info("Trusted score of %s: %s / %s", name, report.score, report.points)
             count = cell.get("execution_count") or 1
+            died = any(o.get("ename") == "KernelDied" for o in cell.get("outputs", []))
             cell.outputs = [
-                new_output("stream", name="stdout", text=report.message + "\n"),
+                new_output("stream", name="stdout", text=(KERNEL_DIED + "\n" if died else "") + report.message + "\n"),
                 new_output("execute_result", data={"text/plain": repr(float(report.score))},
                            execution_count=count),
             ]

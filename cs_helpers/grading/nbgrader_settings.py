@@ -21,16 +21,18 @@ def configure(c, root, source_directory: str = "notebooks") -> None:
     course directory ``root``."""
     from nbconvert.preprocessors import ClearMetadataPreprocessor
     from nbgrader.preprocessors import (AssignLatePenalties, CheckCellMetadata, ClearHiddenTests,
-                                        Execute, GetGrades, IgnorePattern, LimitOutput, SaveAutoGrades)
+                                        GetGrades, IgnorePattern, LimitOutput, SaveAutoGrades)
     from nbconvert.preprocessors import CSSHTMLHeaderPreprocessor
 
-    from .nbgrader_plugin import TrustedScores
+    from .nbgrader_plugin import SandboxedExecute, TrustedScores
 
     c.CourseDirectory.source_directory = source_directory
     c.CourseDirectory.ignore = [".ipynb_checkpoints", "*.pyc", "__pycache__", "feedback"]
     # Long enough for the slowest cell of any notebook on a 2-core CPU, with margin.
     c.Execute.timeout = EXECUTE_TIMEOUT_S
     c.Execute.interrupt_on_timeout = True
+    # A kernel that does not answer within a minute of starting has failed.
+    c.Execute.startup_timeout = 120
     # A tag that a student cannot guess: otherwise tagging a test cell "skip-execution"
     # (nbconvert's default) would leave it unexecuted, and an output-less test cell
     # earns full marks.
@@ -41,13 +43,11 @@ def configure(c, root, source_directory: str = "notebooks") -> None:
     c.IgnorePattern.enabled = True
     c.IgnorePattern.pattern = HARMLESS_STDERR
     c.ClearSolutions.code_stub = {"python": "# YOUR CODE HERE\nraise NotImplementedError()"}
-    # Graded code may not read the solutions, the submissions or the grades.
-    root = os.path.abspath(root)
-    c.CourseDirectory.root = root
-    c.TrustedScores.forbidden_paths = [os.path.join(root, folder) for folder in
-                                       (source_directory, "submitted", "autograded", "feedback")]
+    c.CourseDirectory.root = os.path.abspath(root)
+    # The student's code runs only in the OS sandbox (SandboxedExecute for the kernel,
+    # TrustedScores for the scoring children), which sees none of the course folder.
     c.Autograde.autograde_preprocessors = [
-        Execute, IgnorePattern, ClearMetadataPreprocessor, LimitOutput,
+        SandboxedExecute, IgnorePattern, ClearMetadataPreprocessor, LimitOutput,
         TrustedScores, SaveAutoGrades, AssignLatePenalties, CheckCellMetadata,
     ]
     # Feedback shows the grader's messages but never the hidden tests' code.

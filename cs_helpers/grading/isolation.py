@@ -1,0 +1,315 @@
+"""The operating-system sandbox for every process that runs a student's code.
+
+Python-level guards (audit hooks, patched builtins, recorders) live in the process they
+guard, so the code they guard can switch them off. The boundary here is the kernel's:
+each process that runs student code (the scoring children of
+:mod:`cs_helpers.grading.sandbox`, and the Jupyter kernel that nbgrader's ``Execute``
+step starts, :class:`SandboxedKernelManager`) is started by the grader inside
+bubblewrap (``bwrap``) with
+
+* its own PID, mount, network, IPC and UTS namespaces (no other process is visible, no
+  network but an unconfigured loopback, no signal reaches the grader);
+* an unprivileged uid (65534, ``nobody``), with no capabilities and ``no_new_privs``;
+  when the grader runs as root the process is ``nobody`` outside the sandbox as well;
+* an allowlisted, read-only view of the file system: the system's ``/usr``, a few files
+  of ``/etc``, the Python installation and the virtual environment, and a *student
+  build* of ``cs_helpers`` (the package without ``cs_helpers.reference``); nothing of
+  the course folder (source notebooks, gradebook, ``.git``, tests, build outputs, the
+  course secret, other submissions);
+* a private ``HOME`` and ``/tmp`` on size-limited tmpfs, thrown away with the sandbox;
+* resource limits set by the grader (address space, CPU time, file size, processes),
+  and death with its parent.
+
+Where no sandbox can be started (not Linux, no ``bwrap``, namespaces refused),
+:func:`require_sandbox` refuses with the reason and names the explicit way to grade
+one's own trusted work without it; there is no silent fallback.
+"""
+from __future__ import annotations
+
+import atexit
+import functools
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+#: Set to 1 to grade without the sandbox: only for one's own, trusted work.
+UNSANDBOXED_ENV = "CS_HELPERS_UNSANDBOXED"
+#: The bubblewrap executable (a path or a name on PATH).
+BWRAP_ENV = "CS_HELPERS_BWRAP"
+#: Where the student build of the package is mounted inside the sandbox.
+PACKAGE_MOUNT = "/opt/cs-course"
+#: The uid and gid of the sandboxed process.
+SANDBOX_UID = 65534
+HOME = "/home/student"
+UNSANDBOXED_FLAG = "--no-sandbox"
+
+_PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+_ETC_FILES = ("passwd", "group", "nsswitch.conf", "localtime", "ld.so.cache", "ld.so.conf",
+              "ld.so.conf.d", "fonts", "ssl/openssl.cnf", "mime.types")
+
+
+class SandboxUnavailable(RuntimeError):
+    """No OS sandbox can be started on this machine."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits of one sandboxed process tree.
+
+    ``memory_gb``: address space per process (0: none, which CUDA needs);
+    ``cpu_s``: CPU seconds per process; ``file_mb``: largest file it may write;
+    ``processes``: how many processes uid 65534 may have (only enforced when the grader
+    runs as root, where that uid is the sandbox's own); ``tmp_mb``: size of each tmpfs."""
+
+    memory_gb: float = 6.0
+    cpu_s: int = 600
+    file_mb: int = 256
+    processes: int = 256
+    tmp_mb: int = 512
+
+    def apply(self) -> None:
+        """Sets the limits on the calling process (a ``preexec_fn``)."""
+        if self.memory_gb > 0:
+            limit = int(self.memory_gb * 2**30)
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        resource.setrlimit(resource.RLIMIT_CPU, (self.cpu_s, self.cpu_s + 5))
+        size = self.file_mb * 2**20
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        if os.geteuid() == 0:
+            resource.setrlimit(resource.RLIMIT_NPROC, (self.processes, self.processes))
+
+
+def _bwrap() -> str | None:
+    name = os.environ.get(BWRAP_ENV, "bwrap")
+    return shutil.which(name) if os.sep not in name else (name if os.access(name, os.X_OK) else None)
+
+
+def unsandboxed_allowed() -> bool:
+    """Whether the instructor asked to grade without the sandbox (trusted work only)."""
+    return os.environ.get(UNSANDBOXED_ENV, "") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _probe(bwrap: str) -> str | None:
+    """Starts one trivial sandbox; returns why it failed, or None."""
+    try:
+        done = subprocess.run(wrap(["/usr/bin/true"], bwrap=bwrap), stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=30)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"bubblewrap could not be run ({type(exc).__name__}: {exc})"
+    if done.returncode != 0:
+        err = done.stderr.decode(errors="replace").strip().splitlines()
+        return "bubblewrap could not create the namespaces" + (f" ({err[-1][:200]})" if err else "")
+    return None
+
+
+def sandbox_problem() -> str | None:
+    """Why no sandbox can be started here, or None when one can."""
+    if not sys.platform.startswith("linux"):
+        return f"the grading sandbox needs Linux namespaces; this is {sys.platform}"
+    bwrap = _bwrap()
+    if bwrap is None:
+        where = os.environ.get(BWRAP_ENV, "bwrap")
+        return (f"bubblewrap ({where!r}) was not found; install it (Debian/Ubuntu: "
+                "apt-get install bubblewrap)")
+    return _probe(bwrap)
+
+
+def require_sandbox() -> bool:
+    """True when graded code must run sandboxed; raises :class:`SandboxUnavailable`
+    when it must and cannot. False only when the instructor chose to grade trusted
+    work without a sandbox (``--no-sandbox``, ``CS_HELPERS_UNSANDBOXED=1``)."""
+    if unsandboxed_allowed():
+        return False
+    problem = sandbox_problem()
+    if problem:
+        raise SandboxUnavailable(
+            f"refusing to grade: {problem}. Student code is only run inside an OS sandbox. "
+            f"To grade your own trusted work without one, pass {UNSANDBOXED_FLAG} to "
+            f"`cs-helpers grade` or set {UNSANDBOXED_ENV}=1 for `nbgrader autograde`; "
+            "never do that for students' submissions.")
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def student_package() -> Path:
+    """A folder holding a student build of ``cs_helpers``: the installed package
+    without ``cs_helpers.reference`` and without compiled caches. Built once per
+    process, removed at exit; mounted read-only at :data:`PACKAGE_MOUNT`."""
+    root = Path(tempfile.mkdtemp(prefix="cs-student-package-"))
+    atexit.register(shutil.rmtree, root, True)
+    shutil.copytree(_PACKAGE_ROOT, root / "cs_helpers",
+                    ignore=shutil.ignore_patterns("reference", "__pycache__", "*.pyc", ".*"))
+    for path in [root, *root.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return root
+
+
+def _python_roots() -> list[Path]:
+    """The interpreter's installation and the virtual environment, resolved."""
+    roots = []
+    for prefix in {sys.base_prefix, sys.prefix, os.path.dirname(os.path.dirname(os.path.realpath(sys.executable)))}:
+        real = Path(os.path.realpath(prefix))
+        if real != Path("/usr") and real not in roots:
+            roots.append(real)
+    return roots
+
+
+def _hidden_inside(roots: list[Path]) -> list[Path]:
+    """Copies of the full package (with the reference) inside the mounted Python
+    trees, as a regular (not editable) install puts there: each is covered by an empty
+    tmpfs in the sandbox."""
+    real = _PACKAGE_ROOT
+    return [real for root in roots if real == root or root in real.parents]
+
+
+def _data_override() -> Path | None:
+    value = os.environ.get("CS_HELPERS_DATA")
+    return Path(value).expanduser().resolve() if value else None
+
+
+def wrap(argv: list[str], *, bwrap: str | None = None, binds: tuple = (), chdir: str = HOME,
+         env: dict | None = None, limits: Limits | None = None, share_net: bool = False) -> list[str]:
+    """The command line that runs ``argv`` inside the sandbox.
+
+    ``binds``: ``(host_path, sandbox_path, writable)`` triples added to the allowlist.
+    ``env``: extra environment variables (the sandbox starts from an empty one).
+    ``limits`` only sizes the tmpfs here; apply the rlimits with ``limits.apply`` as
+    the ``preexec_fn`` of the process that starts bwrap."""
+    limits = limits or Limits()
+    bwrap = bwrap or _bwrap() or "bwrap"
+    root_mode = os.geteuid() == 0
+    cmd = [bwrap, "--die-with-parent", "--new-session", "--unshare-pid", "--unshare-ipc",
+           "--unshare-uts", "--unshare-cgroup-try", "--hostname", "grading"]
+    if not share_net:
+        cmd.append("--unshare-net")
+    if not root_mode:
+        cmd += ["--unshare-user", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID)]
+    cmd += ["--ro-bind", "/usr", "/usr"]
+
+    for name in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
+        path = Path("/") / name
+        if path.is_symlink():
+            cmd += ["--symlink", os.readlink(path), str(path)]
+        elif path.is_dir():
+            cmd += ["--ro-bind", str(path), str(path)]
+    made: set[str] = {"/", "/tmp", HOME, "/usr", "/proc", "/dev"}
+
+    def bind(host, inside, option="--ro-bind"):
+        # Folders bwrap would create on the way are traversable by the sandbox's uid.
+        for parent in reversed(Path(inside).parents):
+            if str(parent) not in made:
+                made.add(str(parent))
+                cmd.extend(["--perms", "0755", "--dir", str(parent)])
+        made.add(str(inside))
+        cmd.extend([option, str(host), str(inside)])
+
+    for name in _ETC_FILES:
+        path = Path("/etc") / name
+        if path.exists():
+            bind(path, path)
+    cmd += ["--proc", "/proc", "--dev", "/dev"]
+    for device in sorted(Path("/dev").glob("nvidia*")):  # CUDA, when the grader has a GPU
+        cmd += ["--dev-bind", str(device), str(device)]
+    if Path("/sys/devices/system/cpu").exists():  # CPU topology, which PyTorch reads
+        bind("/sys/devices/system/cpu", "/sys/devices/system/cpu")
+    size = str(limits.tmp_mb * 2**20)
+    cmd += ["--perms", "1777", "--size", size, "--tmpfs", "/tmp",
+            "--perms", "0755", "--dir", str(Path(HOME).parent),
+            "--perms", "0777", "--size", size, "--tmpfs", HOME]
+    roots = _python_roots()
+    for root in roots:
+        bind(root, root)
+    for hidden in _hidden_inside(roots):
+        cmd.extend(["--tmpfs", str(hidden)])
+    bind(student_package(), PACKAGE_MOUNT)
+    data = _data_override()
+    if data is not None and data.is_dir():
+        bind(data, "/opt/cs-data")
+    for host, inside, writable in binds:
+        bind(host, inside, "--bind" if writable else "--ro-bind")
+    variables = {
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), "/usr/local/bin", "/usr/bin", "/bin"]),
+        "HOME": HOME, "TMPDIR": "/tmp", "USER": "student", "LANG": "C.UTF-8",
+        "PYTHONPATH": PACKAGE_MOUNT, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONNOUSERSITE": "1",
+        "MPLCONFIGDIR": "/tmp/matplotlib",
+    }
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE",
+                 "CUDA_VISIBLE_DEVICES"):
+        if name in os.environ:
+            variables[name] = os.environ[name]
+    if data is not None:
+        variables["CS_HELPERS_DATA"] = "/opt/cs-data"
+    variables.update(env or {})
+    cmd.append("--clearenv")
+    for key, value in variables.items():
+        cmd += ["--setenv", key, value]
+    cmd += ["--chdir", chdir]
+    if root_mode:
+        # bwrap keeps root's capabilities to set up the mounts; setpriv then becomes
+        # nobody for good, with every capability dropped and no way back.
+        cmd += ["--", "/usr/bin/setpriv", f"--reuid={SANDBOX_UID}", f"--regid={SANDBOX_UID}",
+                "--clear-groups", "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs"]
+    else:
+        cmd += ["--"]
+    return cmd + list(argv)
+
+
+def private_dir(prefix: str) -> Path:
+    """A host folder that the sandboxed uid can write to (bind it into the sandbox);
+    the caller removes it."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    if os.geteuid() == 0:
+        os.chown(path, SANDBOX_UID, SANDBOX_UID)
+    return path
+
+
+# -- nbgrader's execution of the notebook, in the sandbox ------------------------------
+
+def _kernel_manager_class():
+    from jupyter_client.manager import AsyncKernelManager
+
+    class SandboxedKernelManager(AsyncKernelManager):
+        """A Jupyter kernel inside the sandbox, reached over ``ipc`` sockets in a
+        folder bound into it (the sandbox has no network to share with the grader)."""
+
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self._socket_dir = private_dir("cs-kernel-")
+            self.transport = "ipc"
+            self.ip = str(self._socket_dir / "kernel")
+            self.connection_file = str(self._socket_dir / "connection.json")
+
+        def write_connection_file(self, **kwargs):
+            result = super().write_connection_file(**kwargs)
+            if os.geteuid() == 0:  # the kernel runs as nobody and must read its key
+                os.chown(self.connection_file, SANDBOX_UID, SANDBOX_UID)
+            return result
+
+        def format_kernel_cmd(self, extra_arguments=None):
+            argv = [sys.executable, "-m", "ipykernel_launcher", "-f", self.connection_file]
+            limits = Limits(memory_gb=float(os.environ.get("CS_HELPERS_KERNEL_MEMORY_GB", "8")),
+                            cpu_s=3600)
+            self._limits = limits
+            return wrap(argv, binds=((self._socket_dir, self._socket_dir, True),), limits=limits)
+
+        async def _async_launch_kernel(self, kernel_cmd, **kw):
+            kw.pop("cwd", None)  # the sandbox starts in its private HOME
+            limits = getattr(self, "_limits", Limits())
+            kw["preexec_fn"] = limits.apply
+            return await super()._async_launch_kernel(kernel_cmd, **kw)
+
+        async def _async_cleanup_resources(self, restart=False):
+            await super()._async_cleanup_resources(restart=restart)
+            if not restart:
+                shutil.rmtree(self._socket_dir, ignore_errors=True)
+
+        cleanup_resources = _async_cleanup_resources
+
+    return SandboxedKernelManager
