@@ -35,11 +35,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps $(TORCHATTACKS)
 	touch $(STAMP)
 
+# Two pytest workers on the two cores, each PyTorch single-threaded: two threads per
+# process on shared cores spin against each other (see benchmarks/threads.py).
+PYTEST_PARALLEL ?= -n 2 --dist loadgroup
+TEST_ENV = PATH="$(CURDIR)/$(BIN):$$PATH" MPLBACKEND=Agg OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+
 test: $(STAMP) system
-	PATH="$(CURDIR)/$(BIN):$$PATH" MPLBACKEND=Agg $(BIN)/python -m pytest -q
+	$(TEST_ENV) $(BIN)/python -m pytest -q $(PYTEST_PARALLEL) --durations=15
 
 test-fast: $(STAMP) system
-	PATH="$(CURDIR)/$(BIN):$$PATH" MPLBACKEND=Agg $(BIN)/python -m pytest -q -m "not slow"
+	$(TEST_ENV) $(BIN)/python -m pytest -q $(PYTEST_PARALLEL) -m "not slow"
 
 walkthrough: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/cs-helpers walkthrough --out build/walkthrough

@@ -28,7 +28,7 @@ from nbgrader.preprocessors import Execute, NbGraderPreprocessor
 from traitlets import Bool, Unicode
 
 from . import isolation, registry
-from .sandbox import trusted_score
+from .sandbox import trusted_scores
 
 SETUP_CELL_ID = "setup"
 KERNEL_DIED = ("The kernel stopped while running this cell (the code ended the process, "
@@ -72,6 +72,7 @@ class SandboxedExecute(Execute):
             cell = nb.cells[index]
             cell.outputs = list(cell.get("outputs", [])) + [new_output(
                 "error", ename="KernelDied", evalue=KERNEL_DIED, traceback=[KERNEL_DIED])]
+            resources.setdefault("cs_helpers", {})["kernel_died_in_cell"] = index
             return nb, resources
 
     def preprocess_cell(self, cell, resources, index):
@@ -102,21 +103,32 @@ class TrustedScores(NbGraderPreprocessor):
         sandboxed = isolation.require_sandbox()
         secret = registry.course_secret()
         checks = registry.load_all()
+        graded = []
         for cell in nb.cells:
             grade_id = _grade_id(cell)
             if cell.cell_type != "code" or not grade_id or not grade_id.startswith("test_"):
                 continue
             name = grade_id[len("test_"):]
-            if name not in checks or grade_id not in max_scores:
-                continue
-            report = trusted_score(checks[name], [setup, *student_cells], registry.hidden_seed(name, secret),
-                                   points=max_scores[grade_id], device=self.device or None,
-                                   sandboxed=sandboxed)
+            if name in checks and grade_id in max_scores:
+                graded.append((cell, name))
+        reports = trusted_scores([checks[name] for _, name in graded], [setup, *student_cells],
+                                 [registry.hidden_seed(name, secret) for _, name in graded],
+                                 [max_scores[f"test_{name}"] for _, name in graded],
+                                 device=self.device or None, sandboxed=sandboxed)
+        died_in = resources.get("cs_helpers", {}).get("kernel_died_in_cell")
+        positions = {id(cell): i for i, cell in enumerate(nb.cells)}
+        told = False
+        for (cell, name), report in zip(graded, reports):
             self.log.info("Trusted score of %s: %s / %s", name, report.score, report.points)
             count = cell.get("execution_count") or 1
-            died = any(o.get("ename") == "KernelDied" for o in cell.get("outputs", []))
+            note = ""
+            if died_in is not None and not told and positions[id(cell)] >= died_in:
+                told = True  # said once, in the graded cell where the kernel stopped or the first after it
+                note = (KERNEL_DIED if positions[id(cell)] == died_in else
+                        f"The kernel stopped while running cell {died_in + 1} of the notebook, before this one; "
+                        "the cells after it were not run. Every graded function is still scored on its own.") + "\n"
             cell.outputs = [
-                new_output("stream", name="stdout", text=(KERNEL_DIED + "\n" if died else "") + report.message + "\n"),
+                new_output("stream", name="stdout", text=note + report.message + "\n"),
                 new_output("execute_result", data={"text/plain": repr(float(report.score))},
                            execution_count=count),
             ]

@@ -52,3 +52,8 @@ def configure(c, root, source_directory: str = "notebooks") -> None:
     ]
     # Feedback shows the grader's messages but never the hidden tests' code.
     c.GenerateFeedback.preprocessors = [GetGrades, ClearHiddenTests, CSSHTMLHeaderPreprocessor]
+    # Student content made inert, untrusted outputs dropped, duplicates and attachments
+    # handled (cs_helpers.grading.feedback).
+    from .feedback import configure_feedback
+
+    configure_feedback(c)

@@ -24,6 +24,7 @@ import torch
 
 from .. import device as default_device
 from .core import Check, Report, call_case, unique_cases
+from .child import FRAME_HEADER, FRAME_MAGIC, TIMED_OUT, TOO_LARGE
 from .encoding import MAX_RESULT_BYTES, ResultRefused, decode_outcomes, encode_case_inputs, unpack_result
 from .isolation import PACKAGE_MOUNT, Limits, require_sandbox, wrap
 
@@ -71,9 +72,10 @@ class _CappedReader(threading.Thread):
         return b"".join(self.chunks)
 
 
-def _run_child(job_dir: Path, limits: Limits, sandboxed: bool, timeout_s: float):
-    """Runs the child on ``job_dir``; returns ``(returncode or None on timeout,
-    result bytes, result overflowed, last stderr line)``."""
+def _run_server(job_dir: Path, limits: Limits, sandboxed: bool, timeout_s: float, cap: int):
+    """Runs the grading server on ``job_dir``; returns ``(returncode or None on
+    timeout, the bytes it sent (at most ``cap``), whether it sent more, the last line
+    of its stderr)``."""
     if sandboxed:
         job_dir.chmod(0o755)
         for path in job_dir.iterdir():
@@ -94,7 +96,7 @@ def _run_child(job_dir: Path, limits: Limits, sandboxed: bool, timeout_s: float)
     process = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                preexec_fn=limits.apply)
-    result = _CappedReader(process.stdout, MAX_RESULT_BYTES)
+    result = _CappedReader(process.stdout, cap)
     errors = _CappedReader(process.stderr, _STDERR_CAP)
     result.start()
     errors.start()
@@ -110,55 +112,103 @@ def _run_child(job_dir: Path, limits: Limits, sandboxed: bool, timeout_s: float)
     return returncode, result.data(), result.overflow, (lines[-1] if lines else "")
 
 
-def run_student_function(check: Check, sources: list[str], seed: int, *, device=None,
-                         timeout_s: float | None = None, sandboxed: bool | None = None):
-    """Runs the function ``check.name`` defined by ``sources`` on the check's cases in
-    a sandboxed child process. Returns ``(properties, cases, outcomes by id(case),
-    notes)``. ``sandboxed=None`` requires the sandbox unless the instructor explicitly
-    allowed grading without one (:func:`cs_helpers.grading.isolation.require_sandbox`)."""
+def _frames(data: bytes, count: int) -> list[tuple[int, bytes]]:
+    """The server's frames, in order, as far as they are well formed."""
+    frames, offset, size = [], 0, FRAME_HEADER.size
+    while len(frames) < count and offset + size <= len(data):
+        magic, status, length = FRAME_HEADER.unpack_from(data, offset)
+        if magic != FRAME_MAGIC or length > MAX_RESULT_BYTES or offset + size + length > len(data):
+            break
+        frames.append((status, data[offset + size: offset + size + length]))
+        offset += size + length
+    return frames
+
+
+def _status_note(status: int, detail: str) -> str:
+    if status == TIMED_OUT:
+        return "the graded code stopped the grading process (the student's code ran past the time limit)"
+    if status == TOO_LARGE:
+        return "the graded code's results were larger than the grader accepts"
+    return ("the graded code stopped the grading process"
+            + (f" ({detail[:160]})" if detail and _safe_detail(detail) else ""))
+
+
+def run_student_functions(checks: list[Check], sources: list[str], seeds: list[int], *, device=None,
+                          sandboxed: bool | None = None) -> list[tuple]:
+    """Runs the functions ``checks[i].name`` defined by ``sources``, each on the cases of
+    its check drawn with ``seeds[i]``, in one sandboxed grading server that forks a
+    fresh process per function (:mod:`cs_helpers.grading.child`). A function whose
+    process or server dies costs only itself: the server is started again for the
+    functions after it. Returns, per check, ``(properties, cases, outcomes by
+    id(case), notes)``. ``sandboxed=None`` requires the sandbox unless the instructor
+    explicitly allowed grading without one
+    (:func:`cs_helpers.grading.isolation.require_sandbox`)."""
     device = torch.device(device) if device is not None else default_device()
     sandboxed = require_sandbox() if sandboxed is None else sandboxed
-    props = check.properties(seed)
-    cases = unique_cases(props)
-    timeout_s = check.timeout_s if timeout_s is None else timeout_s
-    job_dir = Path(tempfile.mkdtemp(prefix="cs-grade-"))
-    notes: list[str] = []
-    try:
-        torch.save(encode_case_inputs(cases), job_dir / "cases.pt")
-        job = {
-            "function": check.name,
-            "sources": list(sources),
-            "device": str(device),
-            "cell_timeout_s": min(30.0, timeout_s),
-            "call_timeout_s": timeout_s,
-        }
-        (job_dir / "job.json").write_text(json.dumps(job))
-        limits = Limits(memory_gb=_memory_gb(device), cpu_s=int(timeout_s * 4) + 120)
-        returncode, blob, overflow, detail = _run_child(
-            job_dir, limits, sandboxed, timeout_s + 30.0 * len(sources) + 60)
-        got = {}
-        if returncode is None:
-            notes.append("the graded code stopped the grading process (the student's code ran past the time limit)")
-        elif returncode != 0 or not blob:
-            notes.append("the graded code stopped the grading process"
-                         + (f" ({detail[:160]})" if detail and _safe_detail(detail) else ""))
-        elif overflow:
-            notes.append("the graded code's results were larger than the grader accepts")
+    plans = []
+    for check, seed in zip(checks, seeds):
+        props = check.properties(seed)
+        plans.append((check, props, unique_cases(props)))
+    results: list[tuple | None] = [None] * len(plans)
+    pending = list(range(len(plans)))
+    while pending:
+        job_dir = Path(tempfile.mkdtemp(prefix="cs-grade-"))
+        try:
+            functions = []
+            for slot, index in enumerate(pending):
+                check, _, cases = plans[index]
+                torch.save(encode_case_inputs(cases), job_dir / f"cases_{slot}.pt")
+                functions.append({"name": check.name, "call_timeout_s": check.timeout_s,
+                                  "wall_s": check.timeout_s + 30.0 * len(sources) + 30})
+            (job_dir / "job.json").write_text(json.dumps({
+                "functions": functions, "sources": list(sources), "device": str(device),
+                "cell_timeout_s": min(30.0, min(f["call_timeout_s"] for f in functions)),
+            }))
+            limits = Limits(memory_gb=_memory_gb(device),
+                            cpu_s=int(sum(4 * f["wall_s"] for f in functions)) + 120)
+            returncode, data, _, detail = _run_server(
+                job_dir, limits, sandboxed, sum(f["wall_s"] for f in functions) + 120,
+                len(functions) * (MAX_RESULT_BYTES + FRAME_HEADER.size))
+        finally:
+            shutil.rmtree(job_dir, ignore_errors=True)
+        frames = _frames(data, len(pending))
+        for (status, blob), index in zip(frames, pending):
+            results[index] = _outcomes(plans[index], status, blob, detail)
+        if len(frames) < len(pending):
+            # The server died while this function ran: it costs only that function.
+            index = pending[len(frames)]
+            status = TIMED_OUT if returncode is None else -1
+            results[index] = _outcomes(plans[index], status, b"", detail)
+            pending = pending[len(frames) + 1:]
         else:
-            try:
-                skeleton, cell_errors, arrays = unpack_result(blob)
-                outcomes = decode_outcomes(skeleton, arrays)
-                if len(outcomes) != len(cases):
-                    raise ValueError("wrong number of outcomes")
-                got = {id(c): o for c, o in zip(cases, outcomes)}
-                notes += [str(e)[:200] for e in cell_errors][:5]
-            except ResultRefused as exc:
-                notes.append(f"the graded code's results were refused: {exc}")
-            except Exception:
-                notes.append("the graded code's results could not be read back")
-        return props, cases, got, notes
-    finally:
-        shutil.rmtree(job_dir, ignore_errors=True)
+            pending = []
+    return results
+
+
+def _outcomes(plan, status: int, blob: bytes, detail: str) -> tuple:
+    _, props, cases = plan
+    notes, got = [], {}
+    if status != 0 or not blob:
+        notes.append(_status_note(status, detail))
+    else:
+        try:
+            skeleton, cell_errors, arrays = unpack_result(blob)
+            outcomes = decode_outcomes(skeleton, arrays)
+            if len(outcomes) != len(cases):
+                raise ValueError("wrong number of outcomes")
+            got = {id(c): o for c, o in zip(cases, outcomes)}
+            notes += [str(e)[:200] for e in cell_errors][:5]
+        except ResultRefused as exc:
+            notes.append(f"the graded code's results were refused: {exc}")
+        except Exception:
+            notes.append("the graded code's results could not be read back")
+    return props, cases, got, notes
+
+
+def run_student_function(check: Check, sources: list[str], seed: int, *, device=None,
+                         sandboxed: bool | None = None):
+    """:func:`run_student_functions` for one function."""
+    return run_student_functions([check], sources, [seed], device=device, sandboxed=sandboxed)[0]
 
 
 def _safe_detail(line: str) -> bool:
@@ -184,9 +234,18 @@ def trusted_score(check: Check, sources: list[str], seed: int, points: float | N
                   device=None, sandboxed: bool | None = None) -> Report:
     """The score of the function ``check.name`` defined by the cell ``sources``,
     computed across the trust boundary."""
-    props, cases, got, notes = run_student_function(check, sources, seed, device=device,
-                                                     sandboxed=sandboxed)
-    expected = reference_outcomes(check, cases, device)
-    report = check.evaluate(props, expected, got, points)
-    report.errors = list(dict.fromkeys(report.errors + notes))
-    return report
+    return trusted_scores([check], sources, [seed], [points], device=device, sandboxed=sandboxed)[0]
+
+
+def trusted_scores(checks: list[Check], sources: list[str], seeds: list[int], points: list, *,
+                   device=None, sandboxed: bool | None = None) -> list[Report]:
+    """The scores of several functions of one submission: one grading server, one fresh
+    process per function, each compared with the reference here."""
+    runs = run_student_functions(checks, sources, seeds, device=device, sandboxed=sandboxed)
+    reports = []
+    for check, pts, (props, cases, got, notes) in zip(checks, points, runs):
+        expected = reference_outcomes(check, cases, device)
+        report = check.evaluate(props, expected, got, pts)
+        report.errors = list(dict.fromkeys(report.errors + notes))
+        reports.append(report)
+    return reports
