@@ -85,6 +85,7 @@ def _run_function(job: dict, index: int, cases: list, device, cache: dict, resul
     from cs_helpers.grading import core, encoding
 
     signal.signal(signal.SIGALRM, _alarm)
+    torch.set_num_threads(job["threads"])
     if device.type != "cpu":
         for model in cache.values():
             model.to(device)
@@ -185,6 +186,12 @@ def main(job_dir: str) -> int:
     from cs_helpers.grading import core, encoding
     import cs_helpers.grading.tiny_models  # noqa: F401  (registers tiny seeded networks)
 
+    # OpenMP's thread team does not survive a fork (a forked process that uses the
+    # parent's team hangs): the server computes on one thread and never starts a team;
+    # each function's process gets the usual number of threads back.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    job["threads"] = threads
     device = torch.device(job["device"])
     cache: dict = {}
     prepared = []
