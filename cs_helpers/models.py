@@ -32,7 +32,7 @@ __all__ = [
 
 EMBEDDED_DEFAULT = "efficientnet_lite0"
 TORCHVISION_NAMES = ("squeezenet1_1", "resnet18", "vgg16", "alexnet")
-TOYWORLD_NAMES = ("toynet", "toynet_shortcut")
+TOYWORLD_NAMES = ("toynet", "toynet_shortcut", "toynet_robust")  # toynet_robust: notebook 06
 MODEL_NAMES = (EMBEDDED_DEFAULT, *TOYWORLD_NAMES, *TORCHVISION_NAMES)
 
 
@@ -241,8 +241,8 @@ def load_model(name: str = EMBEDDED_DEFAULT, *, pretrained: bool = True,
     ----------
     name : str
         ``"efficientnet_lite0"`` (the embedded ImageNet default, no download),
-        ``"toynet"`` or ``"toynet_shortcut"`` (ToyWorld networks, weights under
-        ``data/``), or a torchvision name (``"squeezenet1_1"``, ``"resnet18"``,
+        ``"toynet"`` or ``"toynet_shortcut"`` (ToyWorld networks, weights in the
+        package's ``cs_helpers/weights/``), or a torchvision name (``"squeezenet1_1"``, ``"resnet18"``,
         ``"vgg16"``, ``"alexnet"``: pretrained weights only when downloadable or
         cached).
     pretrained : bool

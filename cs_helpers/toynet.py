@@ -1,10 +1,12 @@
 """ToyNet: the small CNNs trained on ToyWorld (:mod:`cs_helpers.toyworld`).
 
-Two trained copies ship under ``data/`` (made by ``python -m cs_helpers.train_toynet``):
+Two trained copies ship inside the package, in ``cs_helpers/weights/`` (package data, found
+by :func:`data_dir`; made by ``python -m cs_helpers.train_toynet``):
 
 - ``"toynet"``: trained on unbiased ToyWorld (``background_bias=0``); it looks at the
   object.
-- ``"toynet_shortcut"``: trained with a strong background bias, so it has learned that
+- ``"toynet_shortcut"``: trained with ``background_bias=1`` (every training circle on
+  snow, every square on grass), so it has learned that
   snow means "circle" and grass means "square" (the husky-on-snow shortcut); swapping the
   backgrounds fools it.
 
@@ -24,9 +26,12 @@ from torch import nn
 from .models import PixelNormalize
 from .toyworld import CLASS_NAMES
 
-__all__ = ["DEFAULT_WIDTHS", "TOYNET_NAMES", "ToyNet", "data_dir", "load_toynet", "weights_path"]
+__all__ = ["DEFAULT_WIDTHS", "ROBUST_TOYNET_NAMES", "TOYNET_NAMES", "ToyNet", "data_dir", "load_toynet", "weights_path"]
 
 TOYNET_NAMES = ("toynet", "toynet_shortcut")
+# Notebook 06: ToyNet trained adversarially by ``python -m cs_helpers.train_robust_toynet``
+# (kept apart from TOYNET_NAMES, which names what train_toynet makes).
+ROBUST_TOYNET_NAMES = ("toynet_robust",)
 DEFAULT_WIDTHS = (16, 32, 64)
 DATA_ENV_VAR = "CS_HELPERS_DATA"
 
@@ -97,12 +102,13 @@ class ToyNet(nn.Module):
 
 
 def data_dir() -> Path:
-    """Folder of the ToyNet weight files: ``$CS_HELPERS_DATA`` when set, else the
-    repository's ``data/``."""
+    """Folder of the trained weight files (ToyNets and the other small networks the
+    course trains): ``$CS_HELPERS_DATA`` when set, else ``cs_helpers/weights/``, which
+    is package data and so travels with every install of the package."""
     override = os.environ.get(DATA_ENV_VAR)
     if override:
         return Path(override).expanduser()
-    return Path(__file__).resolve().parent.parent / "data"
+    return Path(__file__).resolve().parent / "weights"
 
 
 def weights_path(name: str) -> Path:
@@ -112,8 +118,8 @@ def weights_path(name: str) -> Path:
 
 
 def _check_name(name):
-    if name not in TOYNET_NAMES:
-        raise ValueError(f"Unknown ToyNet {name!r}; expected one of {', '.join(TOYNET_NAMES)}")
+    if name not in TOYNET_NAMES + ROBUST_TOYNET_NAMES:
+        raise ValueError(f"Unknown ToyNet {name!r}; expected one of {', '.join(TOYNET_NAMES + ROBUST_TOYNET_NAMES)}")
 
 
 def load_toynet(name: str = "toynet", pretrained: bool = True) -> ToyNet:
@@ -143,9 +149,10 @@ def load_toynet(name: str = "toynet", pretrained: bool = True) -> ToyNet:
             widths = tuple(torch.load(path, map_location="cpu", weights_only=True).get("widths", widths))
         return ToyNet(class_names=CLASS_NAMES, widths=widths)
     if not path.is_file():
+        script = "train_robust_toynet" if name in ROBUST_TOYNET_NAMES else "train_toynet"
         raise FileNotFoundError(
             f"No weights for {name!r} at {str(path)!r}. Train them with "
-            f"`python -m cs_helpers.train_toynet` (about 3 minutes on a laptop CPU), "
+            f"`python -m cs_helpers.{script}` (a few minutes on a laptop CPU), "
             f"or point ${DATA_ENV_VAR} at the folder that holds {name}.pt."
         )
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)

@@ -16,7 +16,8 @@ def student_source(name):
     """A student's cell: the reference's source text, as a student might write it."""
     import inspect
 
-    return inspect.getsource(ref._min_max_rows) + inspect.getsource(ref._pair) + inspect.getsource(getattr(ref, name))
+    helpers = [ref._min_max_rows, ref._pair, ref._output_size] + ([ref.im2col] if name == "conv2d_im2col" else [])
+    return "".join(inspect.getsource(f) for f in helpers) + inspect.getsource(getattr(ref, name))
 
 
 def test_every_filters_check_gives_the_reference_full_points(capsys):
@@ -38,7 +39,7 @@ def test_global_normalization_loses_points_and_the_message_names_it(capsys):
     assert "tensor(" not in out and "expected" not in out.lower()
 
 
-def test_a_pixel_loop_loses_the_vectorization_point():
+def test_a_pixel_loop_is_advised_against_without_losing_points(capsys):
     def loop_conv(x, weight, bias=None, stride=1, padding=0):
         s = stride if isinstance(stride, tuple) else (stride, stride)
         p = padding if isinstance(padding, tuple) else (padding, padding)
@@ -52,9 +53,10 @@ def test_a_pixel_loop_loses_the_vectorization_point():
                 out[:, :, i, j] = patch @ weight.reshape(co, -1).T
         return out if bias is None else out + bias.view(1, -1, 1, 1)
 
+    # Python call counts are recorded in the graded process, which could forge them: advice only.
     points = get_check("conv2d_im2col").points
-    score = grading.score("conv2d_im2col", loop_conv, quiet=True)
-    assert points - 1 < score < points
+    assert grading.score("conv2d_im2col", loop_conv) == points
+    assert "no Python loop" in capsys.readouterr().out.split("advice, no points")[1]
 
 
 def test_forgotten_bias_and_transposed_templates_lose_points():
@@ -77,7 +79,7 @@ def test_crashing_mutating_and_missing_functions_are_contained(capsys):
         return ref.normalize_filters(weights)
 
     assert grading.score("normalize_filters", crashes) == 0
-    assert 0 < grading.score("normalize_filters", mutates) < get_check("normalize_filters").points
+    assert grading.score("normalize_filters", mutates) == get_check("normalize_filters").points  # advice only
     assert grading.score("normalize_filters", None) == 0
     assert grading.score("no_such_function", ref.normalize_filters) == 0
     out = capsys.readouterr()
@@ -166,7 +168,7 @@ def test_trusted_score_on_cuda():
     assert report.score == check.points
 
 
-def test_calling_a_convolution_routine_does_not_earn_the_im2col_points():
+def test_calling_a_convolution_routine_is_advised_against_without_losing_points(capsys):
     def delegates(x, weight, bias=None, stride=1, padding=0):
         return F.conv2d(x, weight, bias, stride=stride, padding=padding)
 
@@ -179,11 +181,14 @@ def test_calling_a_convolution_routine_does_not_earn_the_im2col_points():
                 conv.bias.copy_(bias)
             return conv(x)
 
+    # Which torch functions ran is recorded in the graded process, which could forge it: the
+    # points of the exercise now come from im2col's returned patch matrix.
     points = get_check("conv2d_im2col").points
     for cheat in (delegates, module):
-        assert grading.score("conv2d_im2col", cheat, quiet=True) <= points * 0.8
+        assert grading.score("conv2d_im2col", cheat) == points
+        assert "convolution routine" in capsys.readouterr().out.split("advice, no points")[1]
     child = trusted_score(get_check("conv2d_im2col"), [SETUP, CONV_BY_TORCH], 1)
-    assert child.score <= points * 0.8
+    assert child.score == points
 
 
 CONV_BY_TORCH = """def conv2d_im2col(x, weight, bias=None, stride=1, padding=0):

@@ -24,6 +24,17 @@ def normalize_filters(weights):
 '''
 
 
+def _graded_cells_only(path: Path, out: Path) -> Path:
+    """The submission with only its nbgrader cells (setup, solutions, tests, answers):
+    what is scored is unchanged, the demonstration cells are not run again. Used where
+    the point is scoring; the source notebooks themselves are executed in full."""
+    nb = nbformat.read(path, as_version=4)
+    nb.cells = [c for c in nb.cells if c.get("metadata", {}).get("nbgrader")]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, out)
+    return out
+
+
 def _scores(result):
     return {c["grade_id"]: (c["score"], c["max_score"]) for c in result.cells}
 
@@ -55,11 +66,11 @@ def test_source_notebook_earns_full_marks_through_the_command(topic, capsys):
 
 
 @pytest.mark.parametrize("topic", sorted(NOTEBOOKS))
-def test_student_release_earns_nothing(topic, student_release):
+def test_student_release_earns_nothing(topic, student_release, tmp_path):
     notebook = student_release / "notebooks" / NOTEBOOKS[topic].parent.name / NOTEBOOKS[topic].name
     text = notebook.read_text()
     assert "BEGIN HIDDEN TESTS" not in text and "BEGIN SOLUTION" not in text
-    result = grade_submission(notebook)
+    result = grade_submission(_graded_cells_only(notebook, tmp_path / notebook.name))
     assert result.cells and all(score == 0 for score, _ in _scores(result).values()), result.as_dict()
 
 
@@ -89,7 +100,8 @@ WRONG_FUNCTIONS = [("filters", "normalize_filters", GLOBAL_NORMALIZATION),
 def test_one_wrong_function_loses_its_points_and_no_others(topic, grade_id, source, tmp_path):
     if topic not in NOTEBOOKS:
         pytest.skip(f"needs the {topic} notebook")
-    path = _with_solution(NOTEBOOKS[topic], tmp_path / NOTEBOOKS[topic].name, grade_id, source)
+    path = _graded_cells_only(NOTEBOOKS[topic], tmp_path / NOTEBOOKS[topic].name)
+    path = _with_solution(path, path, grade_id, source)
     scores = _scores(grade_submission(path))
     for cell_id, (score, maximum) in scores.items():
         if cell_id == f"test_{grade_id}":

@@ -61,9 +61,9 @@ def test_each_graded_function_has_its_solution_and_test_cell(path):
 def test_nbgrader_config_is_hardened():
     from traitlets.config import Config
 
-    from cs_helpers.grading.nbgrader_plugin import TrustedScores
+    from cs_helpers.grading.nbgrader_plugin import SandboxedExecute, TrustedScores
     from cs_helpers.grading.nbgrader_settings import configure
-    from nbgrader.preprocessors import SaveAutoGrades
+    from nbgrader.preprocessors import Execute, SaveAutoGrades
 
     first, second = Config(), Config()
     configure(first, root=str(REPO))
@@ -75,7 +75,8 @@ def test_nbgrader_config_is_hardened():
     assert first.Execute.timeout >= 120 and first.Execute.kernel_name == "python3"
     steps = first.Autograde.autograde_preprocessors
     assert steps.index(TrustedScores) == steps.index(SaveAutoGrades) - 1
-    assert str(REPO / "notebooks") in first.TrustedScores.forbidden_paths
+    # The notebook executes only in the sandboxed kernel, never in nbgrader's own.
+    assert steps[0] is SandboxedExecute and Execute not in steps
 
 
 def test_points_in_checks_are_positive():

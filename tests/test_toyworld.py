@@ -315,13 +315,37 @@ def test_show_toyworld_returns_a_figure_with_titles(world):
 
 
 # --------------------------------------------------------------------------- retraining
+# Training is repeatable on one CPU, not across CPUs: another CPU rounds differently, and a
+# difference in the last bit grows during training like any other perturbation of the
+# start. We measured how far that goes by scaling toynet's initial weights by
+# (1 + eps * noise) with the committed recipe, one thread: eps = 1e-6 gave an unbiased
+# accuracy of 0.901, eps = 1e-5 gave 0.986 (committed: 0.981); at lr 3e-3, eps = 1e-6 gave
+# 0.904. The shape classes are learned late in the 1000 steps and a run that learns them
+# later ends lower, so the committed accuracy cannot be reproduced to a point on another
+# CPU, and a full retraining (about 100 s of CPU for toynet alone, 50 s for the shortcut
+# network) does not fit the test budget. These tests retrain reduced runs instead and check
+# what held in every measured run, with margins: the shortcut network learns the background
+# first, and the fair network learns without it.
+
+SHORTCUT_STEPS = 250     # measured, 3 runs: shortcut classes 0.995-0.998 matched, 0.000 swapped
+FAIR_STEPS = 300         # measured: unbiased 0.62-0.76, |matched - swapped| 0.006-0.037 (4 runs)
+FAIR_MIN_ACCURACY = 0.5  # well above chance (0.2), with a margin below the spread of short runs
+
 
 @pytest.mark.slow
-def test_retraining_reproduces_the_committed_metrics(metrics):
-    for name in TOYNET_NAMES:
-        model, record = train(name)
-        accuracy = measure(model)
-        committed = metrics[name]["accuracy"]
-        for key, value in committed.items():
-            assert abs(accuracy[key] - value) <= 0.01, (name, key, accuracy[key], value)
-        assert record["steps"] == metrics[name]["steps"]
+def test_a_reduced_retraining_of_the_shortcut_network_learns_the_background_first():
+    model, record = train("toynet_shortcut", steps=SHORTCUT_STEPS)
+    accuracy = measure(model, n=1000)
+    assert record["steps"] == SHORTCUT_STEPS and record["background_bias"] == 1.0
+    assert accuracy["matched_background_shortcut_classes"] >= 0.9, accuracy
+    assert accuracy["swapped_background_shortcut_classes"] <= 0.1, accuracy
+    assert accuracy["matched_background"] - accuracy["swapped_background"] >= 0.25, accuracy
+
+
+@pytest.mark.slow
+def test_a_reduced_retraining_of_toynet_learns_without_the_background():
+    model, record = train("toynet", steps=FAIR_STEPS)
+    accuracy = measure(model, n=1000)
+    assert record["steps"] == FAIR_STEPS and record["background_bias"] == 0.0
+    assert accuracy["unbiased"] >= FAIR_MIN_ACCURACY, accuracy
+    assert abs(accuracy["matched_background"] - accuracy["swapped_background"]) <= 0.08, accuracy

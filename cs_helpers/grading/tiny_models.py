@@ -67,3 +67,28 @@ def tiny_relu6_cnn_hot(seed: int) -> nn.Module:
         conv.weight.data.mul_(8.0)
         conv.bias.data.mul_(8.0)
     return model
+
+
+@register_model_builder("tiny_bn_cnn")
+def tiny_bn_cnn(seed: int) -> nn.Module:
+    """``tiny_relu_cnn`` with a BatchNorm2d after each convolution, whose running
+    statistics are seeded values far from a batch's own: in training mode a batch norm
+    normalizes with the batch's statistics instead, so a function that switches the model
+    to training mode computes different numbers (notebook 06's attacks)."""
+    import torch
+
+    layers = OrderedDict(_tiny_cnn(nn.ReLU, nn.MaxPool2d).named_children())
+    model = nn.Sequential(OrderedDict(
+        [(name, module) for name, module in layers.items() if name in ("normalize", "conv1")]
+        + [("bn1", nn.BatchNorm2d(6))]
+        + [(name, module) for name, module in layers.items() if name in ("relu1", "pool1", "conv2")]
+        + [("bn2", nn.BatchNorm2d(8))]
+        + [(name, module) for name, module in layers.items()
+           if name in ("relu2", "pool", "flatten", "classifier")]))
+    for bn in (model.bn1, model.bn2):
+        channels = bn.num_features
+        bn.running_mean.copy_(0.5 * torch.randn(channels))
+        bn.running_var.copy_(0.2 + 2.0 * torch.rand(channels))
+        bn.weight.data.copy_(0.5 + torch.rand(channels))
+        bn.bias.data.copy_(0.3 * torch.randn(channels))
+    return model

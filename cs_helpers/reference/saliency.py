@@ -272,6 +272,9 @@ def _occlusion_variant(model, image, target, window=16, stride=8, baseline=0.5, 
     _, height, width = image.shape
     if window > min(height, width):
         raise ValueError(f"the window ({window} px) does not fit the {height}x{width} image")
+    if stride > window:
+        raise ValueError(f"stride ({stride}) must not exceed the window ({window}): a larger stride leaves "
+                         "pixels between the windows that no window covers")
     device = model_device(model)
     x = image.detach().to(device)
     fill = _baseline_tensor(baseline, x)
@@ -321,21 +324,23 @@ def occlusion_map(model: nn.Module, image: torch.Tensor, target, window: int = 1
     position flush with the bottom (right) border when that grid does not reach it.
     At each position the square is set to ``baseline`` in all three channels and the
     drop of the target's softmax probability, ``p_t(image) - p_t(occluded)``, is
-    recorded. Each pixel gets the **mean** of the drops of the windows that cover it
-    (every pixel is covered at least once).
+    recorded. Each pixel gets the **mean** of the drops of the windows that cover it.
+    The stride may not exceed the window: with ``stride <= window`` and the flush window
+    every pixel is covered at least once, while a larger stride would leave gaps that no
+    window covers, so it raises a ``ValueError`` (rather than inventing a value there).
 
     Parameters
     ----------
     model : nn.Module mapping ``(N, 3, H, W)`` in ``[0, 1]`` to logits.
     image : Tensor ``(3, H, W)`` in ``[0, 1]``.
     target : int, the class whose probability is measured.
-    window, stride : positive ints, ``window <= min(H, W)``.
+    window, stride : positive ints, ``stride <= window <= min(H, W)``.
     baseline : number (0.5: mid-gray) or a tensor broadcastable to ``(3, H, W)``.
     batch_size : int, occluded images per forward pass.
 
     Returns
     -------
-    Tensor ``(H, W)``, detached, on the model's device: positive where hiding the
+    Tensor ``(H, W)`` of the image's dtype, detached, on the model's device: positive where hiding the
     pixels lowers the probability of ``target``. Costs one forward pass of the clean
     image and ``ceil(P / batch_size)`` batched passes for ``P`` window positions,
     under ``torch.no_grad()``.

@@ -1,4 +1,11 @@
-"""Checks for notebook 02 (features)."""
+"""Checks for notebook 02 (features).
+
+Points come only from the values a function returns. Inputs left unchanged, hooks
+removed, the model's mode, and the number of Python calls are recorded in the process
+that runs the graded code, which can forge them: those properties are ``feedback_only``
+(checked and shown as advice, worth no points). Where a mistake of that kind changes the
+returned values, a case of its own makes it cost points (a model with batch norm shows a
+function that switches the model to training mode)."""
 from __future__ import annotations
 
 import math
@@ -63,6 +70,8 @@ class ExtractFeatures(Check):
                        label="10 images, batch_size=4, a model that takes at most 4 images per pass")
         nested = Case((ModelSpec("efficientnet_lite0"), "blocks.1.project", images(2, 32)),
                       label="layer 'blocks.1.project' of EfficientNet-Lite0")
+        normalized = Case((ModelSpec("tiny_bn_cnn", seed % 1000 + 1), "relu2", images(4, 12)), {"batch_size": 3},
+                          label="a network with batch norm (layer relu2)")
         return [
             Property("returns (N, D): one row per image, the layer's output flattened", 1,
                      [conv, global_pool], shape_matches),
@@ -70,8 +79,10 @@ class ExtractFeatures(Check):
                      [conv, pooled, global_pool], _features_close(1e-4, 1e-5)),
             Property("runs the model on batches of at most batch_size images, the last, smaller "
                      "batch included", 1, [batched], _features_close(1e-4, 1e-5)),
+            Property("runs the model as it is given, in eval mode (batch norm uses its running statistics)", 1,
+                     [normalized], _features_close(1e-4, 1e-5)),
             Property("removes its hook and leaves the model's mode and parameters as they were", 1,
-                     [conv, pooled, global_pool], _features_and_citizen),
+                     [conv, pooled, global_pool], _features_and_citizen, feedback_only=True),
             Property("finds a nested layer by its dotted name (model.get_submodule)", 1,
                      [nested], _features_close(1e-4, 1e-4)),
         ]
@@ -121,8 +132,10 @@ class NearestNeighbors(Check):
             Property("works for k=1 and for k equal to the number of database rows", 1,
                      [one, everything], _indices_equal),
             Property("has no Python loop over queries (the number of calls does not grow with the "
-                     "number of queries)", 1, [small, large], calls_do_not_grow(small, large, _indices_equal)),
-            Property("leaves queries and database unchanged", 1, [basic], _and_inputs_intact(_indices_equal)),
+                     "number of queries)", 1, [small, large], calls_do_not_grow(small, large, _indices_equal),
+                     feedback_only=True),
+            Property("leaves queries and database unchanged", 1, [basic], _and_inputs_intact(_indices_equal),
+                     feedback_only=True),
         ]
 
 
@@ -197,7 +210,8 @@ class Pca(Check):
                      "positive, and projects with those signs", 1, [basic, wide, many], _pca_exact),
             Property("explained_variance_ratio is each component's share of the total variance "
                      "(over all directions, not only the k kept)", 1, [basic, many], _pca_ratio),
-            Property("leaves the features unchanged", 1, [offset], _and_inputs_intact(_pca_up_to_sign)),
+            Property("leaves the features unchanged", 1, [offset], _and_inputs_intact(_pca_up_to_sign),
+                     feedback_only=True),
         ]
 
 
@@ -308,5 +322,6 @@ class TopActivatingPatches(Check):
                      [channel], _patches_equal),
             Property("turns flat positions back into (n, i, j) on non-square maps", 1, [wide], _patches_equal),
             Property("breaks ties by the lower (n, i, j)", 1, [ties], _patches_equal),
-            Property("leaves the activations unchanged", 1, [basic], _and_inputs_intact(_patches_equal)),
+            Property("leaves the activations unchanged", 1, [basic], _and_inputs_intact(_patches_equal),
+                     feedback_only=True),
         ]

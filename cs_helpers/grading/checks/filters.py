@@ -1,10 +1,15 @@
-"""Checks for notebook 01 (filters)."""
+"""Checks for notebook 01 (filters).
+
+Points come only from the values a function returns. What is recorded inside the process
+that runs the graded code (its inputs after the call, counts of Python calls, the torch
+functions it called) can be forged by that code, so those properties are
+``feedback_only``: checked and shown as advice, worth no points."""
 from __future__ import annotations
 
 import torch
 
 from ..core import (Case, Check, Property, calls_do_not_grow, fresh_generator, inputs_unchanged,
-                    same_values, shape_matches, values_close)
+                    shape_matches, values_close)
 from ..registry import register
 
 
@@ -32,7 +37,47 @@ class NormalizeFilters(Check):
                      [plain, mixed], values_close()),
             Property("turns a constant filter into 0.5 everywhere", 1, [flat], values_close()),
             Property("works for any number of input channels", 1, [other, single], values_close()),
-            Property("leaves its input unchanged", 1, [mixed], inputs_unchanged),
+            Property("leaves its input unchanged", 1, [mixed], inputs_unchanged, feedback_only=True),
+        ]
+
+
+@register
+class Im2col(Check):
+    name, topic, points = "im2col", "filters", 3
+
+    def properties(self, seed):
+        g = fresh_generator(seed)
+
+        def case(n, c, h, w, kernel_size, label, **kw_):
+            return Case((torch.randn(n, c, h, w, generator=g), kernel_size), dict(kw_), label=label)
+
+        # Non-square images (H != W) everywhere: a transposed order of positions or of the
+        # entries of a patch gives other numbers, not just other shapes.
+        single = case(1, 1, 5, 6, 3, "one channel, a 5x6 input, 3x3 patches")
+        channels = case(1, 3, 6, 7, 2, "three channels, 2x2 patches")
+        many = case(2, 16, 5, 4, 3, "16 channels")
+        # One channel in the cases below, so that each of them tests one thing: a wrong
+        # channel order loses the layout property only.
+        padded = case(2, 1, 5, 6, 3, "padding=1", padding=1)
+        strided = case(2, 1, 9, 8, 3, "stride=2", stride=2)
+        both = case(2, 1, 10, 11, 5, "stride=2, padding=2", stride=2, padding=2)
+        rect = case(3, 1, 9, 12, (2, 3), "non-square patches and (height, width) pairs", stride=(2, 1),
+                    padding=(1, 0))
+        batch = case(5, 1, 7, 7, 3, "a batch of 5 images", padding=1)
+        exact = values_close(rtol=1e-6, atol=1e-6)  # im2col copies numbers: no rounding to excuse
+        return [
+            Property("returns (N, C_in * kh * kw, L): one column per output position", 1,
+                     [single, many, strided, rect], shape_matches),
+            Property("puts the patch under each output position in its own column, read row by row, "
+                     "positions in row-major order", 2, [single], exact),
+            Property("flattens a patch channel first, then row, then column (the layout of F.unfold)", 3,
+                     [channels, many], exact),
+            Property("zero-pads the input", 1, [padded], exact),
+            Property("applies the stride", 1, [strided], exact),
+            Property("handles stride and padding together", 1, [both], exact),
+            Property("takes non-square patches and (height, width) pairs", 1, [rect], exact),
+            Property("keeps the patches of each image of a batch apart", 1, [batch], exact),
+            Property("leaves its input unchanged", 1, [padded], inputs_unchanged, feedback_only=True),
         ]
 
 
@@ -42,7 +87,7 @@ CONVOLUTIONS = {"conv2d", "convolution", "_convolution", "conv1d", "conv3d", "co
 
 @register
 class Conv2dIm2col(Check):
-    name, topic, points = "conv2d_im2col", "filters", 3
+    name, topic, points = "conv2d_im2col", "filters", 2
 
     def properties(self, seed):
         g = fresh_generator(seed)
@@ -63,23 +108,26 @@ class Conv2dIm2col(Check):
         small = case(2, 3, 6, 6, 4, 3, 3, padding=1, label="a 6x6 input", count_calls=True)
         large = case(2, 3, 30, 30, 4, 3, 3, padding=1, label="a 30x30 input", count_calls=True)
 
-        def by_matrix_multiply(case_, expected, got):
-            return (same_values(expected, got.value, rtol=1e-4, atol=1e-4)
-                    and not CONVOLUTIONS.intersection(got.torch_calls))
+        correct = values_close(rtol=1e-4, atol=1e-4)
 
-        # Delegating to a convolution routine is not the exercise: no property holds then.
+        def without_convolution(case_, expected, got):
+            return correct(case_, expected, got) and not CONVOLUTIONS.intersection(got.torch_calls)
+
         return [
-            Property("computes the convolution itself (unfold and a matrix multiply), without calling "
-                     "a convolution routine", 2, [basic, both, batch], by_matrix_multiply),
-            Property("matches F.conv2d with stride 1 and no padding", 2, [basic], by_matrix_multiply),
-            Property("zero-pads the input", 1, [padded], by_matrix_multiply),
-            Property("applies the stride", 1, [strided], by_matrix_multiply),
-            Property("handles stride and padding together", 1, [both], by_matrix_multiply),
-            Property("adds the bias to every output position", 1, [biased], by_matrix_multiply),
-            Property("takes non-square kernels and (height, width) pairs", 1, [rect], by_matrix_multiply),
-            Property("handles batches and many channels", 1, [batch], by_matrix_multiply),
+            Property("matches F.conv2d with stride 1 and no padding", 2, [basic], correct),
+            Property("zero-pads the input", 1, [padded], correct),
+            Property("applies the stride", 1, [strided], correct),
+            Property("handles stride and padding together", 1, [both], correct),
+            Property("adds the bias to every output position", 1, [biased], correct),
+            Property("takes non-square kernels and (height, width) pairs", 1, [rect], correct),
+            Property("handles batches and many channels", 1, [batch], correct),
+            # Advice only: which torch functions ran, and how many Python calls, is recorded in
+            # the process that runs the student's code, which can forge it.
+            Property("computes the convolution itself (im2col and one matrix multiply), without calling "
+                     "a convolution routine", 1, [basic, both, batch], without_convolution, feedback_only=True),
             Property("has no Python loop over output positions (the number of calls does not grow "
-                     "with the image)", 1, [small, large], calls_do_not_grow(small, large, by_matrix_multiply)),
+                     "with the image)", 1, [small, large], calls_do_not_grow(small, large, correct),
+                     feedback_only=True),
         ]
 
 
@@ -101,5 +149,5 @@ class LinearTemplates(Check):
             Property("reshapes each row in row-major order and scales it to [0, 1] on its own", 3,
                      [digits, colour], values_close()),
             Property("turns a constant row into 0.5", 1, [constant], values_close()),
-            Property("leaves its input unchanged", 1, [colour], inputs_unchanged),
+            Property("leaves its input unchanged", 1, [colour], inputs_unchanged, feedback_only=True),
         ]

@@ -9,10 +9,14 @@ and keeps the max point. The grader computes those alternatives itself, in its o
 process, with the reference module's private variant helpers (imported lazily: the
 student release has no reference, and there the hidden tests say so instead).
 
-The properties about manners (batching, no hook left, inputs unchanged) hold only for an
-output the grader *recognizes*: the reference's, or one of the known mistakes. So a
-function that returns nothing useful earns nothing for them, while one mistake in the
-formula does not also cost the batching and citizenship points.
+The properties about manners (batching, no hook left, inputs unchanged, the model's mode)
+are recorded in the process that runs the graded code, which can forge them: they are
+``feedback_only``, checked and shown as advice, worth no points. They hold only for an
+output the grader *recognizes* (the reference's, or one of the known mistakes), so one
+mistake in the formula does not also show up as bad manners. Where such a mistake changes
+the returned values, a case of its own makes it cost points: a network with batch norm
+whose running statistics are far from a batch's own shows a function that runs the model
+in training mode.
 """
 from __future__ import annotations
 
@@ -92,6 +96,10 @@ def _toyworld(n: int, seed: int, size: int = 64):
     return toyworld(n, seed=int(seed) % (2**31 - 1), size=size)
 
 
+# Holds for the reference's values or a recognized mistake computed in eval mode, so that a
+# mistake in the formula costs its own point, not this one too.
+EVAL_MODE = "runs the model as it is given, in eval mode (batch norm uses its running statistics, not the batch's)"
+
 # ------------------------------------------------------------------ gradient_saliency
 
 _SCORES = ("logit", "prob", "logprob")
@@ -117,6 +125,8 @@ class GradientSaliency(Check):
                      label="a batch of 2", count_calls=True)
         large = Case((relu, torch.rand(8, 3, 16, 16, generator=g), torch.arange(8) % 5),
                      label="a batch of 8", count_calls=True)
+        normalized = Case((ModelSpec("tiny_bn_cnn", seed % 1000 + 11), torch.rand(3, 3, 16, 16, generator=g),
+                           torch.tensor([1, 0, 4])), label="a network with batch norm")
 
         variants = _Variants()
 
@@ -160,10 +170,12 @@ class GradientSaliency(Check):
                      [batch, hot], channel_max),
             Property("uses each image's own target (LongTensor (N,)) and accepts an int target for all images",
                      1, [batch, same_target], recognized),
+            Property(EVAL_MODE, 1, [normalized], recognized),
             Property("computes the whole batch with one forward and one backward pass (no loop over images)",
-                     1, [small, large], calls_do_not_grow(small, large, recognized, factor=1.3, slack=40)),
+                     1, [small, large], calls_do_not_grow(small, large, recognized, factor=1.3, slack=40),
+                     feedback_only=True),
             Property("leaves the images unchanged, removes its hooks, keeps the model's mode and parameters",
-                     1, [batch, hot], _manners(recognized)),
+                     1, [batch, hot], _manners(recognized), feedback_only=True),
         ]
 
 
@@ -188,6 +200,8 @@ class GuidedBackprop(Check):
         photo = torch.nn.functional.interpolate(photo, size=(32, 32), mode="bilinear", align_corners=False)
         lite0 = Case((ModelSpec("efficientnet_lite0"), photo, torch.tensor([int(seed % 1000)])),
                      label="a 32x32 image and EfficientNet-Lite0")
+        normalized = Case((ModelSpec("tiny_bn_cnn", seed % 1000 + 12), torch.rand(3, 3, 16, 16, generator=g),
+                           torch.tensor([2, 4, 0])), label="a network with batch norm")
 
         variants = _Variants()
 
@@ -214,8 +228,10 @@ class GuidedBackprop(Check):
                      [cool], accepts("deconvnet")),
             Property("passes no gradient through a ReLU6 whose input is 6 or more (its derivative is 0 there)",
                      1, [hot], accepts("plain")),
+            Property(EVAL_MODE, 1, [normalized], accepts("plain", "deconvnet", "relu6_unbounded")),
             Property("removes every hook it registers, leaves the images unchanged and the model as it was", 1,
-                     [relu, hot, toy], _manners(accepts("plain", "deconvnet", "relu6_unbounded"))),
+                     [relu, hot, toy], _manners(accepts("plain", "deconvnet", "relu6_unbounded")),
+                     feedback_only=True),
         ]
 
 
@@ -258,6 +274,8 @@ class OcclusionMap(Check):
                    label="16 windows", count_calls=True)
         many = Case((count_model, image(32, 32), 1), dict(window=4, stride=4, batch_size=64),
                     label="64 windows", count_calls=True)
+        normalized = Case((ModelSpec("tiny_bn_cnn", seed % 1000 + 13), image(16, 16), 2),
+                          dict(window=4, stride=4, baseline=0.5), label="a network with batch norm")
 
         variants = _Variants()
 
@@ -289,9 +307,11 @@ class OcclusionMap(Check):
                      accepts(any_score, any_reduce, (True,), (None,))),
             Property("evaluates the occluded images in forward passes of at most batch_size images", 1,
                      [limited], recognized),
+            Property(EVAL_MODE, 1, [normalized], recognized),
             Property("batches the windows (no forward pass per window)", 1, [few, many],
-                     calls_do_not_grow(few, many, recognized, factor=1.5, slack=600)),
-            Property("leaves the image unchanged and the model as it was", 1, [tiles, toy], _manners(recognized)),
+                     calls_do_not_grow(few, many, recognized, factor=1.5, slack=600), feedback_only=True),
+            Property("leaves the image unchanged and the model as it was", 1, [tiles, toy], _manners(recognized),
+                     feedback_only=True),
         ]
 
 
@@ -346,6 +366,8 @@ class ShapleyValues(Check):
                    label="4 segments, 2 permutations", count_calls=True)
         many = Case((count_model, image(16, 16), 1, _voronoi_segments(16, 16, 8, g), 8),
                     label="8 segments, 8 permutations", count_calls=True)
+        normalized = Case((ModelSpec("tiny_bn_cnn", seed % 1000 + 14), image(16, 16), 1,
+                           _voronoi_segments(16, 16, 5, g), 3), dict(seed=2), label="a network with batch norm")
 
         variants = _Variants()
 
@@ -385,8 +407,9 @@ class ShapleyValues(Check):
                      lambda case, expected, got: _close(expected, got.value, rel_atol=0, atol=1e-5)),
             Property("evaluates the coalitions in forward passes of at most batch_size images", 1, [limited],
                      recognized),
+            Property(EVAL_MODE, 1, [normalized], recognized),
             Property("batches the coalitions (no forward pass per coalition)", 1, [few, many],
-                     calls_do_not_grow(few, many, recognized, factor=2.0, slack=2500)),
+                     calls_do_not_grow(few, many, recognized, factor=2.0, slack=2500), feedback_only=True),
             Property("leaves the image and the segments unchanged and the model as it was", 1, [sampled, toy],
-                     _manners(recognized)),
+                     _manners(recognized), feedback_only=True),
         ]
