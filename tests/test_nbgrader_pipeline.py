@@ -137,8 +137,12 @@ def _attack_submission(tmp_path):
 @pytest.mark.skipif("filters" not in NOTEBOOKS, reason="needs notebook 01")
 def test_the_attacks_fool_stock_nbgrader(tmp_path):
     """What the trust boundary is for: without it these submissions earn full marks."""
-    result = grade_submission(_attack_submission(tmp_path), trusted=False)
-    assert result.score == result.max_score
+    scores = _scores(grade_submission(_attack_submission(tmp_path), trusted=False))
+    # Every test cell after the input transformer passes without running; the honest
+    # function before it earns nothing in stock scoring, since the sandboxed kernel has
+    # no reference to score it with (only the trusted scores can).
+    for name in ("test_normalize_filters", "test_im2col", "test_conv2d_im2col"):
+        assert scores[name][0] == scores[name][1], name
 
 
 @pytest.mark.skipif("filters" not in NOTEBOOKS, reason="needs notebook 01")
