@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from ..hooks import capture, get_layer, model_device
+from .saliency import _check_batch, _check_model
 
 __all__ = ["directional_derivatives", "tcav_score", "tcav_test", "train_cav"]
 
@@ -42,23 +43,6 @@ _CHUNK = 32  # images per forward pass inside tcav_test (bounds memory on large 
 
 
 # ----------------------------------------------------------------------------- inputs
-
-def _check_model(model) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-
-
-def _check_batch(images, what="images") -> None:
-    if not isinstance(images, torch.Tensor):
-        raise TypeError(f"{what} must be a tensor (N, 3, H, W); got {type(images).__name__}")
-    if images.dim() != 4 or images.shape[1] != 3:
-        hint = " (one image? add a batch dimension with image.unsqueeze(0))" if images.dim() == 3 else ""
-        raise ValueError(f"{what} must have shape (N, 3, H, W); got {tuple(images.shape)}{hint}")
-    if images.shape[0] == 0:
-        raise ValueError(f"{what} is an empty batch")
-    if not images.is_floating_point():
-        raise TypeError(f"{what} must be a float tensor in [0, 1]; got dtype {images.dtype}")
-
 
 def _single_target(target) -> int:
     if isinstance(target, torch.Tensor) and target.numel() == 1 and not target.is_floating_point() \
