@@ -119,8 +119,12 @@ def test_home_is_private_and_the_installation_read_only(probe):
 @needs_sandbox
 def test_the_environment_is_the_sandbox_own(probe):
     assert "CS_HELPERS_PROBE_MARKER" not in probe["env"]
-    assert set(probe["root_listing"]) <= {"bin", "dev", "etc", "home", "lib", "lib32", "lib64", "libx32",
-                                          "opt", "probe", "proc", "root", "sbin", "sys", "tmp", "usr", "work"}
+    # The system folders, the probe's own bind, and the first folder of each Python
+    # installation the sandbox mounts (a venv may live anywhere: /work, /check, /home).
+    python_tops = {root.parts[1] for root in isolation._python_roots()}
+    allowed = {"bin", "dev", "etc", "home", "lib", "lib32", "lib64", "libx32",
+               "opt", "probe", "proc", "root", "sbin", "sys", "tmp", "usr"} | python_tops
+    assert set(probe["root_listing"]) <= allowed, set(probe["root_listing"]) - allowed
     assert "shadow" not in probe["etc"] and "hostname" not in probe["etc"]
 
 
