@@ -19,9 +19,6 @@ own code in memory before any student code runs.
 """
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 from nbformat.v4 import new_output
 from nbgrader.api import Gradebook
 from nbgrader.preprocessors import Execute, NbGraderPreprocessor

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..hooks import model_device
-from .saliency import _batch_targets, _check_batch, _check_model, _check_range, _logits, _single_target
+from ._inputs import batch_targets, check_batch, check_model, check_range, logits_of, single_target
 
 __all__ = ["fgsm", "fooling_rate", "make_fooling_image", "pgd", "universal_perturbation"]
 
@@ -54,8 +54,8 @@ def _loss_gradient(model, x, labels) -> torch.Tensor:
     respect to ``x`` (one forward and one backward pass)."""
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
-        logits = _logits(model, x)
-        _check_range(labels, logits.shape[1])
+        logits = logits_of(model, x)
+        check_range(labels, logits.shape[1])
         loss = F.cross_entropy(logits, labels)
         (grad,) = torch.autograd.grad(loss, x)
     return grad
@@ -87,11 +87,11 @@ def make_fooling_image(image: torch.Tensor, target, model: nn.Module, lr: float 
     Tensor ``(1, 3, H, W)`` in ``[0, 1]``, detached, on the model's device. Costs one
     forward pass per check and one backward pass per step.
     """
-    _check_model(model)
-    _check_batch(image, "image")
+    check_model(model)
+    check_batch(image, "image")
     if image.shape[0] != 1:
         raise ValueError(f"image must be one image (1, 3, H, W); got a batch of {image.shape[0]}")
-    target = _single_target(target)
+    target = single_target(target)
     lr = _check_number(lr, "lr")
     max_iter = _count(max_iter, "max_iter", allow_zero=True)
     device = model_device(model)
@@ -99,8 +99,8 @@ def make_fooling_image(image: torch.Tensor, target, model: nn.Module, lr: float 
     for _ in range(max_iter):
         x.requires_grad_(True)
         with torch.enable_grad():
-            logits = _logits(model, x)
-            _check_range(torch.tensor([target]), logits.shape[1])
+            logits = logits_of(model, x)
+            check_range(torch.tensor([target]), logits.shape[1])
             if int(logits[0].argmax()) == target:
                 break
             (g,) = torch.autograd.grad(logits[0, target], x)
@@ -133,12 +133,12 @@ def fgsm(model: nn.Module, images: torch.Tensor, labels, eps: float) -> torch.Te
     Tensor ``(N, 3, H, W)`` in ``[0, 1]``, within ``eps`` of ``images`` per pixel,
     detached, on the model's device. One forward and one backward pass.
     """
-    _check_model(model)
-    _check_batch(images)
+    check_model(model)
+    check_batch(images)
     eps = _check_number(eps, "eps")
     device = model_device(model)
     x = images.detach().to(device)
-    y = _batch_targets(labels, x.shape[0], device)
+    y = batch_targets(labels, x.shape[0], device)
     grad = _loss_gradient(model, x, y)
     return (x + eps * grad.sign()).clamp(0, 1).detach()
 
@@ -186,14 +186,14 @@ def pgd(model: nn.Module, images: torch.Tensor, labels, eps: float, alpha: float
     Tensor ``(N, 3, H, W)``, detached, on the model's device. Costs ``steps`` forward and
     backward passes.
     """
-    _check_model(model)
-    _check_batch(images)
+    check_model(model)
+    check_batch(images)
     eps = _check_number(eps, "eps")
     alpha = _check_number(alpha, "alpha")
     steps = _count(steps, "steps", allow_zero=True)
     device = model_device(model)
     clean = images.detach().to(device)
-    y = _batch_targets(labels, clean.shape[0], device)
+    y = batch_targets(labels, clean.shape[0], device)
     lower, upper = clean - eps, clean + eps
     x = _random_start(clean, eps, seed) if random_start else clean.clone()
     direction = -1.0 if targeted else 1.0
@@ -230,8 +230,8 @@ def universal_perturbation(model: nn.Module, images: torch.Tensor, eps: float, a
     Tensor ``(3, H, W)`` with ``|delta| <= eps``, detached, on the model's device. Apply
     it as ``clamp(x + delta, 0, 1)``.
     """
-    _check_model(model)
-    _check_batch(images)
+    check_model(model)
+    check_batch(images)
     eps = _check_number(eps, "eps")
     alpha = _check_number(alpha, "alpha")
     epochs = _count(epochs, "epochs", allow_zero=True)
@@ -239,13 +239,13 @@ def universal_perturbation(model: nn.Module, images: torch.Tensor, eps: float, a
     device = model_device(model)
     x = images.detach().to(device)
     with torch.no_grad():
-        clean = torch.cat([_logits(model, x[i:i + batch_size]).argmax(dim=1) for i in range(0, len(x), batch_size)])
+        clean = torch.cat([logits_of(model, x[i:i + batch_size]).argmax(dim=1) for i in range(0, len(x), batch_size)])
     delta = torch.zeros_like(x[0])
     for _ in range(epochs):
         for start in range(0, len(x), batch_size):
             d = delta.detach().requires_grad_(True)
             with torch.enable_grad():
-                loss = F.cross_entropy(_logits(model, (x[start:start + batch_size] + d).clamp(0, 1)),
+                loss = F.cross_entropy(logits_of(model, (x[start:start + batch_size] + d).clamp(0, 1)),
                                        clean[start:start + batch_size])
                 (grad,) = torch.autograd.grad(loss, d)
             delta = (delta + alpha * grad.sign()).clamp(-eps, eps)
@@ -267,9 +267,9 @@ def fooling_rate(model: nn.Module, images: torch.Tensor, adv_images: torch.Tenso
     -------
     A Python ``float`` in ``[0, 1]``. Runs under ``torch.no_grad()`` in batches.
     """
-    _check_model(model)
-    _check_batch(images)
-    _check_batch(adv_images, "adv_images")
+    check_model(model)
+    check_batch(images)
+    check_batch(adv_images, "adv_images")
     if images.shape != adv_images.shape:
         raise ValueError(f"images and adv_images must have the same shape; got {tuple(images.shape)} "
                          f"and {tuple(adv_images.shape)}")
@@ -278,7 +278,7 @@ def fooling_rate(model: nn.Module, images: torch.Tensor, adv_images: torch.Tenso
     changed = 0
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
-            a = _logits(model, images[start:start + batch_size].to(device)).argmax(dim=1)
-            b = _logits(model, adv_images[start:start + batch_size].to(device)).argmax(dim=1)
+            a = logits_of(model, images[start:start + batch_size].to(device)).argmax(dim=1)
+            b = logits_of(model, adv_images[start:start + batch_size].to(device)).argmax(dim=1)
             changed += int((a != b).sum())
     return changed / len(images)

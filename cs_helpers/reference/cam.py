@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..hooks import get_layer, model_device
-from .saliency import _batch_targets, _check_batch, _check_model, _check_range, _logits, _single_target, \
-    guided_backprop
+from ._inputs import batch_targets, check_batch, check_model, check_range, logits_of, single_target
+from .saliency import guided_backprop
 
 __all__ = ["class_activation_map", "grad_cam", "upsample_cam", "guided_grad_cam", "pointing_game"]
 
@@ -43,8 +43,8 @@ def _cam_variant(features, fc_weight, target, *, relu: bool = False, normalize: 
     if not isinstance(fc_weight, torch.Tensor) or fc_weight.dim() != 2 or fc_weight.shape[1] != features.shape[0]:
         shape = tuple(fc_weight.shape) if isinstance(fc_weight, torch.Tensor) else type(fc_weight).__name__
         raise ValueError(f"fc_weight must be (num_classes, K) with K = {features.shape[0]} channels; got {shape}")
-    t = _single_target(target)
-    _check_range(torch.tensor([t]), fc_weight.shape[0])
+    t = single_target(target)
+    check_range(torch.tensor([t]), fc_weight.shape[0])
     feats = features.detach()
     weights = fc_weight.detach()[t].to(device=feats.device, dtype=feats.dtype)
     cam = torch.einsum("k,khw->hw", weights, feats)
@@ -89,12 +89,12 @@ def _layer_activation_and_gradient(model, layer, images, targets, score: str = "
     and nothing before the layer builds a graph. Hooking a container (a block whose
     last module is a bare or in-place ReLU) sees the block's final output.
     """
-    _check_model(model)
-    _check_batch(images)
+    check_model(model)
+    check_batch(images)
     module = get_layer(model, layer)
     device = model_device(model)
     x = images.detach().to(device)
-    t = _batch_targets(targets, x.shape[0], device)
+    t = batch_targets(targets, x.shape[0], device)
     seen: list[torch.Tensor] = []
 
     def hook(_module, _inputs, output):
@@ -111,8 +111,8 @@ def _layer_activation_and_gradient(model, layer, images, targets, score: str = "
     handle = module.register_forward_hook(hook)
     try:
         with torch.enable_grad():
-            logits = _logits(model, x)
-            _check_range(t, logits.shape[1])
+            logits = logits_of(model, x)
+            check_range(t, logits.shape[1])
             if not seen:
                 raise ValueError(f"layer {layer!r} did not run in the model's forward pass")
             if score == "prob":
@@ -135,7 +135,7 @@ def _grad_cam_variant(model, layer, images, targets, *, relu: bool = True, reduc
     space; ``score`` ``"logit"`` or ``"prob"``; ``first_target=True`` explains every
     image for the first image's target."""
     if first_target:
-        t = _batch_targets(targets, images.shape[0] if isinstance(images, torch.Tensor) else 1, "cpu")
+        t = batch_targets(targets, images.shape[0] if isinstance(images, torch.Tensor) else 1, "cpu")
         targets = int(t[0])
     activation, grad = _layer_activation_and_gradient(model, layer, images, targets, score)
     if reduce == "mean":
@@ -253,7 +253,7 @@ def _guided_grad_cam_variant(model, layer, images, targets, *, guided: bool = Tr
     multiplies the upsampled Grad-CAM without min-max."""
     from .saliency import _input_gradient
 
-    _check_batch(images)
+    check_batch(images)
     cam = grad_cam(model, layer, images, targets)
     height, width = images.shape[-2:]
     heat = _upsample_variant(cam, (height, width), normalize=normalize)

@@ -32,83 +32,13 @@ import torch
 from torch import nn
 
 from ..hooks import model_device, relu_backward_hooks, relu_gradient_hooks
+from ._inputs import batch_targets, check_batch, check_image, check_model, check_range, logits_of, \
+    positive_int, single_target
 
 __all__ = ["gradient_saliency", "guided_backprop", "occlusion_map", "shapley_values"]
 
 
-# ----------------------------------------------------------------------------- inputs
-
-def _check_model(model) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-
-
-def _check_batch(images, what="images") -> None:
-    if not isinstance(images, torch.Tensor):
-        raise TypeError(f"{what} must be a tensor (N, 3, H, W); got {type(images).__name__}")
-    if images.dim() != 4 or images.shape[1] != 3:
-        hint = " (one image? add a batch dimension with image.unsqueeze(0))" if images.dim() == 3 else ""
-        raise ValueError(f"{what} must have shape (N, 3, H, W); got {tuple(images.shape)}{hint}")
-    if images.shape[0] == 0:
-        raise ValueError(f"{what} is an empty batch")
-    if not images.is_floating_point():
-        raise TypeError(f"{what} must be a float tensor in [0, 1]; got dtype {images.dtype}")
-
-
-def _check_image(image) -> None:
-    if not isinstance(image, torch.Tensor):
-        raise TypeError(f"image must be a tensor (3, H, W); got {type(image).__name__}")
-    if image.dim() != 3 or image.shape[0] != 3:
-        hint = " (a batch? pass one image, e.g. images[0])" if image.dim() == 4 else ""
-        raise ValueError(f"image must have shape (3, H, W); got {tuple(image.shape)}{hint}")
-    if not image.is_floating_point():
-        raise TypeError(f"image must be a float tensor in [0, 1]; got dtype {image.dtype}")
-
-
-def _batch_targets(targets, n: int, device) -> torch.Tensor:
-    """An int (the same class for every image) or a LongTensor ``(n,)`` -> ``(n,)``."""
-    if isinstance(targets, torch.Tensor):
-        if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
-            raise TypeError(f"targets must hold integer class indices; got dtype {targets.dtype}")
-        if targets.dim() == 0:
-            targets = targets.expand(n)
-        if targets.dim() != 1 or targets.shape[0] != n:
-            raise ValueError(f"targets must be an int or a tensor of {n} class indices (one per image); "
-                             f"got shape {tuple(targets.shape)}")
-        return targets.to(device=device, dtype=torch.long)
-    if isinstance(targets, numbers.Integral) and not isinstance(targets, bool):
-        return torch.full((n,), int(targets), dtype=torch.long, device=device)
-    raise TypeError(f"targets must be an int or a LongTensor (N,); got {type(targets).__name__}")
-
-
-def _single_target(target) -> int:
-    if isinstance(target, torch.Tensor) and target.numel() == 1 and not target.is_floating_point() \
-            and target.dtype != torch.bool:
-        return int(target.item())
-    if isinstance(target, numbers.Integral) and not isinstance(target, bool):
-        return int(target)
-    raise TypeError(f"target must be one class index (an int); got {type(target).__name__}")
-
-
-def _check_range(targets: torch.Tensor, num_classes: int) -> None:
-    if bool(((targets < 0) | (targets >= num_classes)).any()):
-        raise ValueError(f"target class indices must lie in [0, {num_classes - 1}]; "
-                         f"got {sorted(set(targets.tolist()))[:8]}")
-
-
-def _logits(model, x) -> torch.Tensor:
-    out = model(x)
-    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != x.shape[0]:
-        raise ValueError(f"the model must return logits (N, num_classes); got "
-                         f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
-    return out
-
-
-def _positive_int(value, name) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive int; got {value!r}")
-    return int(value)
-
+# --------------------------------------------------------------------------- baseline
 
 def _baseline_tensor(baseline, image: torch.Tensor) -> torch.Tensor:
     """A number, or a tensor broadcastable to ``(3, H, W)`` (e.g. a per-channel colour
@@ -134,14 +64,14 @@ def _input_gradient(model, images, targets, score: str = "logit") -> torch.Tenso
     ``score``: ``"logit"`` (the contract), or ``"prob"`` / ``"logprob"`` (softmax
     probability / its log: mistakes the grader recognizes). Returns ``(N, 3, H, W)``.
     """
-    _check_model(model)
-    _check_batch(images)
+    check_model(model)
+    check_batch(images)
     device = model_device(model)
     x = images.detach().to(device).clone().requires_grad_(True)
-    t = _batch_targets(targets, x.shape[0], device)
+    t = batch_targets(targets, x.shape[0], device)
     with torch.enable_grad():
-        logits = _logits(model, x)
-        _check_range(t, logits.shape[1])
+        logits = logits_of(model, x)
+        check_range(t, logits.shape[1])
         if score == "prob":
             logits = logits.softmax(dim=1)
         elif score == "logprob":
@@ -204,18 +134,18 @@ def _guided_variant(model, images, targets, rule: str = "guided") -> torch.Tenso
     inputs), ``"plain"`` (the ordinary gradient), ``"deconvnet"`` (positive part of the
     gradient, ignoring the forward pass: Zeiler & Fergus 2014), ``"relu6_unbounded"``
     (guided, but a ReLU6 treated as a ReLU)."""
-    _check_model(model)
-    _check_batch(images)
+    check_model(model)
+    check_batch(images)
     if rule == "plain":
         return _input_gradient(model, images, targets)
     device = model_device(model)
     x = images.detach().to(device).clone().requires_grad_(True)
-    t = _batch_targets(targets, x.shape[0], device)
+    t = batch_targets(targets, x.shape[0], device)
     hooks = (relu_gradient_hooks(model, _GRADIENT_RULES[rule]) if rule in _GRADIENT_RULES
              else relu_backward_hooks(model, _INPUT_RULES[rule]))
     with hooks, torch.enable_grad():
-        logits = _logits(model, x)
-        _check_range(t, logits.shape[1])
+        logits = logits_of(model, x)
+        check_range(t, logits.shape[1])
         (grad,) = torch.autograd.grad(logits.gather(1, t[:, None]).sum(), x)
     return grad.detach()
 
@@ -263,12 +193,12 @@ def _occlusion_variant(model, image, target, window=16, stride=8, baseline=0.5, 
     logits) or ``"reversed"`` (``p(occluded) - p(image)``); ``reduce`` ``"mean"`` or
     ``"sum"`` over the covering windows; ``flush=False`` leaves out the window flush
     with the border (uncovered pixels get 0)."""
-    _check_model(model)
-    _check_image(image)
-    target = _single_target(target)
-    window = _positive_int(window, "window")
-    stride = _positive_int(stride, "stride")
-    batch_size = _positive_int(batch_size, "batch_size")
+    check_model(model)
+    check_image(image)
+    target = single_target(target)
+    window = positive_int(window, "window")
+    stride = positive_int(stride, "stride")
+    batch_size = positive_int(batch_size, "batch_size")
     _, height, width = image.shape
     if window > min(height, width):
         raise ValueError(f"the window ({window} px) does not fit the {height}x{width} image")
@@ -294,8 +224,8 @@ def _occlusion_variant(model, image, target, window=16, stride=8, baseline=0.5, 
     col_band = col_band.repeat(len(rows), 1)                       # (P, W)
 
     def measure(batch):
-        logits = _logits(model, batch)
-        _check_range(torch.tensor([target]), logits.shape[1])
+        logits = logits_of(model, batch)
+        check_range(torch.tensor([target]), logits.shape[1])
         return logits[:, target] if score == "logit" else logits.softmax(dim=1)[:, target]
 
     total = torch.zeros(height, width, dtype=torch.float64, device=device)
@@ -368,11 +298,11 @@ def _shapley_variant(model, image, target, segments, n_permutations, baseline=0.
     """Permutation-sampling Shapley estimate with knobs for recognizable mistakes:
     ``score="logit"`` values coalitions by the logit; ``invert=True`` sets the
     coalition's own segments to the baseline instead of the others."""
-    _check_model(model)
-    _check_image(image)
-    target = _single_target(target)
-    n_perm = _positive_int(n_permutations, "n_permutations")
-    batch_size = _positive_int(batch_size, "batch_size")
+    check_model(model)
+    check_image(image)
+    target = single_target(target)
+    n_perm = positive_int(n_permutations, "n_permutations")
+    batch_size = positive_int(batch_size, "batch_size")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"seed must be an int; got {type(seed).__name__}")
     m = _segment_count(segments, image)
@@ -401,8 +331,8 @@ def _shapley_variant(model, image, target, segments, n_permutations, baseline=0.
             if invert:
                 keep = ~keep
             batch = torch.where(keep[:, None], x, fill)
-            logits = _logits(model, batch)
-            _check_range(torch.tensor([target]), logits.shape[1])
+            logits = logits_of(model, batch)
+            check_range(torch.tensor([target]), logits.shape[1])
             out = logits[:, target] if score == "logit" else logits.softmax(dim=1)[:, target]
             values[start:start + coalition.shape[0]] = out.double()
 

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from ..hooks import capture, model_device
+from ._inputs import check_model
 
 __all__ = ["class_visualization_step", "clip_small_contributions", "clip_small_values",
            "deepdream_step", "feature_inversion_loss", "total_variation"]
@@ -44,11 +45,6 @@ GRAY = 0.5
 
 
 # ----------------------------------------------------------------------------- inputs
-
-def _check_model(model) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-
 
 def _check_img(img, what="img") -> None:
     if not isinstance(img, torch.Tensor):
@@ -127,7 +123,7 @@ def _class_visualization_variant(img, model, target, l2_reg, lr, *, sign: float 
     (the L2 term added instead of subtracted), ``center=0.0`` (the penalty around
     black), ``normalize`` ``"l2"`` (the contract), ``"none"``, ``"mean"`` or ``"max"``,
     ``clamp=False``, ``score="prob"`` (the softmax probability instead of the logit)."""
-    _check_model(model)
+    check_model(model)
     _check_img(img)
     l2_reg, lr = _number(l2_reg, "l2_reg"), _number(lr, "lr")
     device = model_device(model)
@@ -392,7 +388,7 @@ def _deepdream_variant(img, model, layer, lr, *, objective: str = "square", norm
     """Knobs: ``objective`` ``"square"`` (``0.5 sum A^2``, the contract) or ``"sum"``
     (``sum A``: the gradient at the layer is 1, not ``A``); ``normalize`` ``"mean"``
     (the contract), ``"max"``, ``"l2"``, ``"none"``; ``clamp``."""
-    _check_model(model)
+    check_model(model)
     _check_img(img)
     lr = _number(lr, "lr")
     device = model_device(model)

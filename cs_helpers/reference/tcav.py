@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ..hooks import capture, get_layer, model_device
-from .saliency import _check_batch, _check_model
+from ._inputs import check_batch, check_model
 
 __all__ = ["directional_derivatives", "tcav_score", "tcav_test", "train_cav"]
 
@@ -44,7 +44,7 @@ _CHUNK = 32  # images per forward pass inside tcav_test (bounds memory on large 
 
 # ----------------------------------------------------------------------------- inputs
 
-def _single_target(target) -> int:
+def single_target(target) -> int:
     if isinstance(target, torch.Tensor) and target.numel() == 1 and not target.is_floating_point() \
             and target.dtype != torch.bool:
         return int(target.item())
@@ -135,10 +135,10 @@ def _layer_gradients(model, layer, images, target, score: str = "logit", where: 
     ``layer`` (``where="output"``, the contract) or its input (``where="input"``: a
     mistake the grader recognizes); ``score`` is ``"logit"`` (the contract), ``"prob"``
     or ``"logprob"``. One backward pass per chunk of images."""
-    _check_model(model)
-    _check_batch(images)
+    check_model(model)
+    check_batch(images)
     module = get_layer(model, layer)
-    t = _single_target(target)
+    t = single_target(target)
     device = model_device(model)
     images = images.detach().to(device)
     chunk = images.shape[0] if chunk is None else chunk
@@ -255,7 +255,7 @@ def _score_variant(derivatives, rule="magnitude"):
 
 @torch.no_grad()
 def _activations(model, layer, images) -> torch.Tensor:
-    _check_batch(images, "images")
+    check_batch(images, "images")
     device = model_device(model)
     out = []
     for start in range(0, images.shape[0], _CHUNK):
@@ -306,7 +306,7 @@ def tcav_test(model: nn.Module, layer, target, target_images: torch.Tensor, conc
     three random sets. Activations are read in forward passes of at most 32 images; the
     gradients of the target images are computed once and projected on every CAV.
     """
-    _check_model(model)
+    check_model(model)
     if isinstance(random_image_sets, torch.Tensor) and random_image_sets.dim() == 4:
         raise TypeError("random_image_sets must be a list of image batches (one tensor (n, 3, H, W) per set), "
                         "not one batch")
@@ -314,10 +314,10 @@ def tcav_test(model: nn.Module, layer, target, target_images: torch.Tensor, conc
     if len(sets) < 3:
         raise ValueError(f"tcav_test needs at least 3 random sets to estimate the spread of random CAVs; "
                          f"got {len(sets)}")
-    _check_batch(target_images, "target_images")
-    _check_batch(concept_images, "concept_images")
+    check_batch(target_images, "target_images")
+    check_batch(concept_images, "concept_images")
     for i, images in enumerate(sets):
-        _check_batch(images, f"random_image_sets[{i}]")
+        check_batch(images, f"random_image_sets[{i}]")
     grads = _layer_gradients(model, layer, target_images, target, chunk=_CHUNK)
     concept = _activations(model, layer, concept_images)
     randoms = [_activations(model, layer, images) for images in sets]
