@@ -82,3 +82,38 @@ def test_nbgrader_config_is_hardened():
 def test_points_in_checks_are_positive():
     for name, check in load_all().items():
         assert check.points > 0 and get_check(name) is check
+
+
+GROUPED_MODULE = '''
+import os, pytest
+pytestmark = pytest.mark.xdist_group("shared")
+
+@pytest.fixture(scope="module")
+def course():
+    with open(os.environ["SETUPS_FILE"], "a") as f:
+        f.write(os.environ.get("PYTEST_XDIST_WORKER", "main") + "\\n")
+
+@pytest.mark.parametrize("student", list("abcdefgh"))
+def test_student(course, student):
+    pass
+'''
+
+
+def test_an_xdist_group_shares_its_module_fixture_on_one_worker(tmp_path):
+    """`make test` runs `-n 2 --dist loadgroup`: the slow modules that build one graded
+    course for all their tests (test_attacks) rely on their group staying on one
+    worker. Some pytest / pytest-xdist pairs silently break it (pytest 9.2 with
+    xdist 3.8 spread the group over both workers, building the course twice)."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "test_grouped.py").write_text(GROUPED_MODULE)
+    for i in range(6):
+        (tmp_path / f"test_other{i}.py").write_text(f"def test_other{i}():\n    pass\n")
+    setups = tmp_path / "setups"
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "2", "--dist", "loadgroup",
+                           "-p", "no:cacheprovider", str(tmp_path)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "SETUPS_FILE": str(setups)})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert setups.read_text().split() in (["gw0"], ["gw1"]), setups.read_text()
