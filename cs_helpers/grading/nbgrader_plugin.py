@@ -24,6 +24,7 @@ from nbgrader.api import Gradebook
 from nbgrader.preprocessors import Execute, NbGraderPreprocessor
 from traitlets import Bool, Unicode
 
+from ..execution import SlicedReplyWait
 from . import isolation, registry
 from .sandbox import trusted_scores
 
@@ -51,8 +52,9 @@ def _grade_id(cell) -> str | None:
     return cell.get("metadata", {}).get("nbgrader", {}).get("grade_id")
 
 
-class SandboxedExecute(Execute):
-    """nbgrader's ``Execute`` with the kernel in the OS sandbox, surviving its death."""
+class SandboxedExecute(SlicedReplyWait, Execute):
+    """nbgrader's ``Execute`` with the kernel in the OS sandbox, surviving its death,
+    waiting for replies in slices (:mod:`cs_helpers.execution`)."""
 
     def preprocess(self, nb, resources, retries=None):
         if isolation.require_sandbox():
