@@ -32,22 +32,11 @@ import torch.nn.functional as F
 from ..core import (Case, Check, ModelSpec, Property, build_model, fresh_generator, full_float32, good_citizen,
                     inputs_unchanged, materialize, same_shape, shape_matches)
 from ..registry import register
+from ._shared import grading_device, toyworld_cases
 
 
 def _reference():
     return importlib.import_module("cs_helpers.reference.adversarial")
-
-
-def _device():
-    from ... import device
-
-    return device()
-
-
-def _toyworld(n: int, seed: int, size: int = 64):
-    from ...toyworld import toyworld
-
-    return toyworld(n, seed=int(seed) % (2**31 - 1), size=size)
 
 
 def _tensor(value):
@@ -111,17 +100,17 @@ class _Grader:
         self.values: dict = {}
 
     def model(self, spec: ModelSpec):
-        return materialize(spec, _device(), self.models)
+        return materialize(spec, grading_device(), self.models)
 
     def loss_gradient(self, case: Case) -> torch.Tensor:
         """``grad_x CE(model(x), labels)`` at the case's clean images (CPU, float64)."""
         key = ("grad", id(case))
         if key not in self.values:
             model = self.model(case.args[0])
-            x = _clean_images(case).to(_device()).clone().requires_grad_(True)
+            x = _clean_images(case).to(grading_device()).clone().requires_grad_(True)
             labels = case.args[2]
             labels = (torch.full((x.shape[0],), labels, dtype=torch.long) if isinstance(labels, int)
-                      else labels).to(_device())
+                      else labels).to(grading_device())
             with full_float32(), torch.enable_grad():
                 (grad,) = torch.autograd.grad(F.cross_entropy(model(x), labels), x)
             self.values[key] = grad.detach().cpu().double()
@@ -130,7 +119,7 @@ class _Grader:
     def predictions(self, spec: ModelSpec, images: torch.Tensor) -> torch.Tensor:
         model = self.model(spec)
         with torch.no_grad(), full_float32():
-            return model(images.to(_device())).argmax(dim=1).cpu()
+            return model(images.to(grading_device())).argmax(dim=1).cpu()
 
 
 # ------------------------------------------------------------------ make_fooling_image
@@ -173,7 +162,7 @@ class MakeFoolingImage(Check):
         bright = (0.9 + 0.1 * torch.rand(1, 3, 16, 16, generator=g))
         clamp = Case((bright, _ranked_classes(relu, bright)[-1], relu), dict(lr=2.0, max_iter=4),
                      label="a bright image and large steps (clamping matters)")
-        world = _toyworld(1, seed)
+        world = toyworld_cases(1, seed)
         toy = Case((world.images, _ranked_classes(ModelSpec("toynet"), world.images)[1], ModelSpec("toynet")),
                    dict(lr=1.0, max_iter=30), label="a ToyWorld scene and ToyNet")
 
@@ -226,7 +215,7 @@ class Fgsm(Check):
                   label="4 images 16x16 with their labels, eps=0.1 (network with batch norms)")
         relu = Case((ModelSpec("tiny_relu_cnn", seed % 1000 + 3), torch.rand(3, 3, 20, 16, generator=g), 2, 0.05),
                     label="3 images 20x16, an int label for all, eps=0.05")
-        world = _toyworld(4, seed + 1)
+        world = toyworld_cases(4, seed + 1)
         toy = Case((ModelSpec("toynet"), world.images, world.labels, 4 / 255),
                    label="ToyWorld scenes and ToyNet, eps=4/255")
         photo = torch.nn.functional.interpolate(torch.rand(2, 3, 8, 8, generator=g), size=(48, 48),
@@ -295,7 +284,7 @@ class Pgd(Check):
         started = Case((bn, torch.rand(2, 3, 16, 16, generator=g), 2),
                        dict(eps=0.08, alpha=0.03, steps=3, random_start=True, seed=7),
                        label="random_start=True, seed=7, 3 steps, an int label")
-        world = _toyworld(4, seed + 2)
+        world = toyworld_cases(4, seed + 2)
         toy = Case((ModelSpec("toynet"), world.images, world.labels, 8 / 255, 2 / 255, 6),
                    label="ToyWorld scenes and ToyNet, untargeted, eps=8/255, alpha=2/255, 6 steps")
         toy_targets = (world.labels + 1 + torch.arange(4) % 3) % 5
@@ -345,10 +334,10 @@ class UniversalPerturbation(Check):
                     label="10 images 16x16, batch_size=4 (the last batch is smaller), 2 epochs")
         bn = Case((ModelSpec("tiny_bn_cnn", seed % 1000 + 7), torch.rand(8, 3, 16, 16, generator=g), 0.05, 0.02, 3),
                   label="8 images, network with batch norms, default batch_size")
-        scenes = _toyworld(96, seed + 3)
+        scenes = toyworld_cases(96, seed + 3)
         toy = Case((ModelSpec("toynet"), scenes.images), dict(UNIVERSAL_SETTINGS),
                    label="96 ToyWorld scenes and ToyNet")
-        unseen = _toyworld(200, seed + 4).images
+        unseen = toyworld_cases(200, seed + 4).images
 
         grader = _Grader()
 
@@ -404,7 +393,7 @@ class FoolingRate(Check):
         mixed = torch.where(torch.arange(12)[:, None, None, None] % 2 == 0, noisy, images)
         partly = Case((relu, images, mixed), label="12 images, half of them perturbed")
         same = Case((relu, images[:5], images[:5].clone()), label="unperturbed copies (rate 0)")
-        world = _toyworld(40, seed + 5)
+        world = toyworld_cases(40, seed + 5)
         toy_adv = (world.images + 0.3 * torch.randn(world.images.shape, generator=g)).clamp(0, 1)
         toy = Case((ModelSpec("toynet"), world.images, toy_adv), label="40 noisy ToyWorld scenes and ToyNet")
         swapped = Case((relu, mixed, images), label="the arguments' roles swapped (the same rate)")

@@ -16,56 +16,17 @@ inside the graded process, so they are advice only (``feedback_only``).
 """
 from __future__ import annotations
 
-import importlib
-import itertools
 import math
 
 import torch
 
-from ..core import Case, Check, ModelSpec, Property, fresh_generator, full_float32, materialize, shape_matches
+from ..core import Case, Check, ModelSpec, Property, fresh_generator, shape_matches
 from ..registry import register
-from .saliency import _close, _device, _manners, _matches_any, _toyworld
-
-
-def _reference():
-    return importlib.import_module("cs_helpers.reference.cam")
-
-
-class _CamVariants:
-    """``reference.<helper>(*case.args, **case.kwargs, **knobs)`` computed once per case
-    and knob setting, in the grader's process."""
-
-    def __init__(self):
-        self.models: dict = {}
-        self.values: dict = {}
-
-    def get(self, case: Case, helper: str, **knobs):
-        slot = (id(case), helper, tuple(sorted(knobs.items())))
-        if slot not in self.values:
-            device = _device()
-            args = materialize(case.args, device, self.models)
-            kwargs = dict(materialize(case.kwargs, device, self.models))
-            kwargs.update(knobs)
-            with full_float32():
-                value = getattr(_reference(), helper)(*args, **kwargs)
-            self.values[slot] = value.detach().cpu() if isinstance(value, torch.Tensor) else value
-        return self.values[slot]
-
-
-def _accepts(variants: _CamVariants, helper: str, **choices):
-    """A comparison: the output equals the reference's or the variant for some choice
-    of knobs, each knob ranging over ``choices[knob]``."""
-    names = sorted(choices)
-
-    def holds(case, expected, got):
-        candidates = itertools.chain([expected], (variants.get(case, helper, **dict(zip(names, values)))
-                                                  for values in itertools.product(*(choices[n] for n in names))))
-        return _matches_any(candidates, got.value)
-    return holds
+from ._shared import ReferenceVariants, accepts, close_scaled, manners, toyworld_cases
 
 
 def _exact(case, expected, got):
-    return _close(expected, got.value)
+    return close_scaled(expected, got.value)
 
 
 # ---------------------------------------------------------------- class_activation_map
@@ -82,17 +43,17 @@ class ClassActivationMap(Check):
                     label="16 feature maps 4x7 and 10 classes")
         square = Case((torch.rand(6, 3, 3, generator=g), torch.randn(6, 6, generator=g), 4),
                       label="6 feature maps and 6 classes (fc_weight is square)")
-        variants = _CamVariants()
+        variants = ReferenceVariants("cs_helpers.reference.cam")
         return [
             Property("returns one map at the features' resolution, shape (h, w)", 1, [small, wide], shape_matches),
             Property("equals sum_k fc_weight[target, k] * features[k] (Zhou et al. 2016)", 2,
                      [small, wide, square], _exact),
             Property("keeps negative values (no ReLU: they are evidence against the class)", 1, [small, wide],
-                     _accepts(variants, "_cam_variant", relu=(False,), normalize=(False, True))),
+                     accepts(variants, "_cam_variant", relu=(False,), normalize=(False, True))),
             Property("returns the raw weighted sum (no min-max normalization)", 1, [small, wide],
-                     _accepts(variants, "_cam_variant", relu=(False, True), normalize=(False,))),
+                     accepts(variants, "_cam_variant", relu=(False, True), normalize=(False,))),
             Property("leaves the features and the weights unchanged", 1, [small],
-                     _manners(_accepts(variants, "_cam_variant", relu=(False, True), normalize=(False, True))),
+                     manners(accepts(variants, "_cam_variant", relu=(False, True), normalize=(False, True))),
                      feedback_only=True),
         ]
 
@@ -126,7 +87,7 @@ class GradCam(Check):
                      label="an early layer at half resolution (ReLU6 CNN)")
         same_target = Case((relu_net, "relu1", torch.rand(2, 3, 16, 16, generator=g), 3),
                            label="an int target for every image, first layer")
-        world = _toyworld(3, seed + 20)
+        world = toyworld_cases(3, seed + 20)
         toy_last = Case((ModelSpec("toynet"), "relu3", world.images, world.labels),
                         label="ToyNet's last convolution (relu3), true classes")
         toy_middle = Case((ModelSpec("toynet"), "pool2", world.images, (world.labels + 1 + torch.arange(3)) % 5),
@@ -137,7 +98,7 @@ class GradCam(Check):
                       torch.tensor([int(seed % 1000), int(seed % 997) + 1])),
                      label="two 64x64 images and EfficientNet-Lite0's blocks.10 (a block with a skip connection)")
 
-        variants = _CamVariants()
+        variants = ReferenceVariants("cs_helpers.reference.cam")
         every = [last, before_relu, early, toy_last, toy_middle]
         return [
             Property("returns one map per image at the layer's resolution, shape (N, h, w)", 1,
@@ -146,19 +107,19 @@ class GradCam(Check):
                      "(Selvaraju et al. 2017) on tiny CNNs, ToyNet and EfficientNet-Lite0, at several depths", 3,
                      [last, before_relu, early, same_target, toy_last, toy_middle, lite0], _exact),
             Property("applies the ReLU to the weighted sum (Grad-CAM shows only positive evidence)", 1, every,
-                     _accepts(variants, "_grad_cam_variant", **_knobs(relu=True))),
+                     accepts(variants, "_grad_cam_variant", **_knobs(relu=True))),
             Property("weights each channel by the spatial mean of its gradient, not its maximum (they differ "
                      "below the last layer)", 1, [before_relu, early, toy_middle],
-                     _accepts(variants, "_grad_cam_variant", **_knobs(reduce="mean") | {"reduce": ("mean", "sum")})),
+                     accepts(variants, "_grad_cam_variant", **_knobs(reduce="mean") | {"reduce": ("mean", "sum")})),
             Property("averages the gradient over the h*w positions (the mean, not the sum)", 1, every,
-                     _accepts(variants, "_grad_cam_variant", **_knobs() | {"reduce": ("mean", "max")})),
+                     accepts(variants, "_grad_cam_variant", **_knobs() | {"reduce": ("mean", "max")})),
             Property("differentiates the target's logit S_c, not its softmax probability", 1, every,
-                     _accepts(variants, "_grad_cam_variant", **_knobs(score="logit"))),
+                     accepts(variants, "_grad_cam_variant", **_knobs(score="logit"))),
             Property("explains each image for its own target (LongTensor (N,)) and accepts an int target", 1,
                      [last, before_relu, toy_middle, same_target],
-                     _accepts(variants, "_grad_cam_variant", **_knobs(first_target=False))),
+                     accepts(variants, "_grad_cam_variant", **_knobs(first_target=False))),
             Property("removes its hooks, leaves the images unchanged and the model as it was", 1,
-                     [last, toy_last], _manners(_accepts(variants, "_grad_cam_variant", **_knobs())),
+                     [last, toy_last], manners(accepts(variants, "_grad_cam_variant", **_knobs())),
                      feedback_only=True),
         ]
 
@@ -186,7 +147,7 @@ class UpsampleCam(Check):
         constant = Case((torch.full((1, 5, 5), 0.3), 20), label="one constant map (all values 0.3)")
         zeros = Case((torch.zeros(1, 4, 4), 16), label="one all-zero map (the ReLU removed everything)")
 
-        variants = _CamVariants()
+        variants = ReferenceVariants("cs_helpers.reference.cam")
         any_mode = ("bilinear", "bicubic", "nearest")
 
         def constant_to_zeros(case, expected, got):
@@ -201,15 +162,15 @@ class UpsampleCam(Check):
                      [square, pair, big, mixed, constant, zeros], _exact),
             Property("uses align_corners=False (pixel centres, as F.interpolate resizes images)", 1,
                      [square, pair, big],
-                     _accepts(variants, "_upsample_variant", align_corners=(False,), joint=(False, True),
+                     accepts(variants, "_upsample_variant", align_corners=(False,), joint=(False, True),
                               mode=("bilinear",), normalize=(True, False))),
             Property("scales each map to [0, 1] on its own (min and max per map, not over the batch)", 1,
                      [square, pair],
-                     _accepts(variants, "_upsample_variant", align_corners=(False, True), joint=(False,),
+                     accepts(variants, "_upsample_variant", align_corners=(False, True), joint=(False,),
                               mode=any_mode, normalize=(True,))),
             Property("turns a map whose values are all equal into zeros (not NaN)", 1, [constant, zeros],
                      constant_to_zeros),
-            Property("leaves the maps unchanged", 1, [square], _manners(lambda case, expected, got: True),
+            Property("leaves the maps unchanged", 1, [square], manners(lambda case, expected, got: True),
                      feedback_only=True),
         ]
 
@@ -228,20 +189,20 @@ class GuidedGradCam(Check):
         hot = Case((ModelSpec("tiny_relu6_cnn_hot", seed % 1000 + 31), "pool1",
                     torch.rand(2, 3, 16, 20, generator=g), torch.tensor([1, 3])),
                    label="2 images 16x20, an early layer (ReLU6 CNN)")
-        world = _toyworld(2, seed + 30)
+        world = toyworld_cases(2, seed + 30)
         toy = Case((ModelSpec("toynet"), "relu3", world.images, world.labels), label="ToyWorld images and ToyNet")
-        variants = _CamVariants()
+        variants = ReferenceVariants("cs_helpers.reference.cam")
         return [
             Property("returns one colour image per input image, shape (N, 3, H, W)", 1, [relu_net, hot],
                      shape_matches),
             Property("equals guided_backprop(...) * upsample_cam(grad_cam(...), (H, W)) on tiny CNNs and ToyNet", 2,
                      [relu_net, hot, toy], _exact),
             Property("multiplies guided backpropagation (not the plain gradient)", 1, [relu_net, toy],
-                     _accepts(variants, "_guided_grad_cam_variant", guided=(True,), normalize=(True, False))),
+                     accepts(variants, "_guided_grad_cam_variant", guided=(True,), normalize=(True, False))),
             Property("multiplies by the Grad-CAM upsampled to the image and scaled to [0, 1]", 1, [relu_net, hot],
-                     _accepts(variants, "_guided_grad_cam_variant", guided=(True, False), normalize=(True,))),
+                     accepts(variants, "_guided_grad_cam_variant", guided=(True, False), normalize=(True,))),
             Property("removes its hooks, leaves the images unchanged and the model as it was", 1, [relu_net],
-                     _manners(_accepts(variants, "_guided_grad_cam_variant", guided=(True, False),
+                     manners(accepts(variants, "_guided_grad_cam_variant", guided=(True, False),
                                        normalize=(True, False))), feedback_only=True),
         ]
 
@@ -277,7 +238,7 @@ class PointingGame(Check):
         boost = (torch.arange(12) % 3 == 0).float()[:, None, None] * 0.5    # a third of the maps favour the mask
         random_maps = Case((torch.rand(12, 12, 16, generator=g) + masks * boost, masks),
                            label="12 random maps 12x16 (tolerance 0: inside the mask)")
-        world = _toyworld(10, seed + 40)
+        world = toyworld_cases(10, seed + 40)
         blurred = torch.nn.functional.avg_pool2d(torch.rand(10, 1, 64, 64, generator=g), 9, 1, 4)[:, 0]
         boost = (torch.arange(10) % 2 == 0).float()[:, None, None] * 0.05
         scenes = Case((blurred + world.masks * boost, world.masks, 4), label="10 ToyWorld masks, tolerance 4")

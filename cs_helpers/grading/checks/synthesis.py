@@ -23,89 +23,27 @@ into the target" are checked by the notebook's visible tests, not for points.
 """
 from __future__ import annotations
 
-import importlib
-import itertools
+import functools
 
 import torch
 
-from ..core import (Case, Check, ModelSpec, Property, fresh_generator, full_float32, good_citizen,
-                    inputs_unchanged, materialize, same_shape, same_values, shape_matches)
+from ..core import Case, Check, ModelSpec, Property, fresh_generator, shape_matches
 from ..registry import register
-
-
-def _reference():
-    return importlib.import_module("cs_helpers.reference.synthesis")
-
-
-def _device():
-    from ... import device
-
-    return device()
+from ._shared import ReferenceVariants, close_scaled, manners, toyworld_cases
+from ._shared import accepts as accepts_variant
 
 
 def _close(expected, got, rtol: float = 1e-4, atol: float = 1e-5) -> bool:
-    if not isinstance(expected, torch.Tensor) or not same_shape(expected, got):
-        return False
-    return same_values(expected, got, rtol=rtol, atol=atol)
+    return close_scaled(expected, got, rtol=rtol, rel_atol=0.0, atol=atol)
 
 
-def _matches_any(candidates, got, **tol) -> bool:
-    return any(_close(c, got, **tol) for c in candidates)
-
-
-class _Variants:
-    """The reference's variant helpers on a case, computed once per case and knobs, in
-    the grader's process."""
-
-    def __init__(self):
-        self.models: dict = {}
-        self.values: dict = {}
-
-    def get(self, case: Case, helper: str, **knobs):
-        slot = (id(case), helper, tuple(sorted(knobs.items())))
-        if slot not in self.values:
-            args = materialize(case.args, _device(), self.models)
-            kwargs = dict(materialize(case.kwargs, _device(), self.models))
-            kwargs.update(knobs)
-            with full_float32():
-                self.values[slot] = getattr(_reference(), helper)(*args, **kwargs).detach().cpu()
-        return self.values[slot]
-
-
-def _knob_grid(**choices):
-    keys = list(choices)
-    for values in itertools.product(*(choices[k] for k in keys)):
-        yield dict(zip(keys, values))
-
-
-def _accepts(variants: _Variants, helper: str, tol: dict | None = None, **choices):
-    """A comparison that holds when the output matches the reference or the variant of
-    ``helper`` for any combination of the knob ``choices``."""
-    tol = tol or {}
-
-    def holds(case, expected, got):
-        candidates = itertools.chain([expected], (variants.get(case, helper, **knobs)
-                                                  for knobs in _knob_grid(**choices)))
-        return _matches_any(candidates, got.value, **tol)
-    return holds
-
-
-def _manners(recognized):
-    def holds(case, expected, got):
-        return (recognized(case, expected, got) and inputs_unchanged(case, got.value, got)
-                and good_citizen(case, got.value, got))
-    return holds
+def _accepts(variants: ReferenceVariants, helper: str, tol: dict | None = None, **choices):
+    return accepts_variant(variants, helper, functools.partial(_close, **(tol or {})), **choices)
 
 
 def _exact(tol=None):
     tol = tol or {}
     return lambda case, expected, got: _close(expected, got.value, **tol)
-
-
-def _toyworld(n: int, seed: int, size: int = 32):
-    from ...toyworld import toyworld
-
-    return toyworld(n, seed=int(seed) % (2**31 - 1), size=size)
 
 
 def _smooth(g, n, h, w, low=8):
@@ -132,13 +70,13 @@ class ClassVisualizationStep(Check):
         edges = Case((torch.rand(1, 3, 16, 16, generator=g).round() * 0.98 + 0.01, relu, 1, 0.0, 8.0),
                      label="an image near 0 and 1, l2_reg 0, lr 8 (steps leave [0, 1])")
         plain = Case((torch.rand(1, 3, 12, 12, generator=g), hot, 0, 0.0, 0.3), label="l2_reg 0")
-        world = _toyworld(1, seed)
+        world = toyworld_cases(1, seed, size=32)
         toy = Case((world.images[:1], ModelSpec("toynet"), int(world.labels[0]), 0.1, 0.5),
                    label="a 32x32 ToyWorld image and ToyNet")
         lite = Case((_smooth(g, 1, 32, 32), ModelSpec("efficientnet_lite0"), int(seed % 1000), 0.05, 0.4),
                     label="a 32x32 image and EfficientNet-Lite0")
 
-        variants = _Variants()
+        variants = ReferenceVariants("cs_helpers.reference.synthesis")
         helper = "_class_visualization_variant"
         signs, centers, norms, clamps = (1.0, -1.0), (0.5, 0.0), ("l2", "none", "mean", "max"), (True, False)
 
@@ -162,7 +100,7 @@ class ClassVisualizationStep(Check):
             Property("differentiates the target's logit S_target, not its softmax probability", 1,
                      [toy, penalized], accepts(score=("logit",))),
             Property("leaves the image unchanged, leaves no hook, keeps the model's mode and parameters", 1,
-                     [penalized, toy], _manners(accepts()), feedback_only=True),
+                     [penalized, toy], manners(accepts()), feedback_only=True),
         ]
 
 
@@ -219,7 +157,7 @@ class ClipSmallValues(Check):
         many = Case((_with_ties(_contrasts(g, 2, 12, 12), g), 80.0),
                     label="2 images 12x12 with repeated pixels, percentile 80")
         ends = Case((_contrasts(g, 2, 8, 8), 0.0), label="percentile 0 (nothing is below)")
-        variants = _Variants()
+        variants = ReferenceVariants("cs_helpers.reference.synthesis")
         helper = "_clip_small_values_variant"
 
         def accepts(**fixed):
@@ -240,7 +178,7 @@ class ClipSmallValues(Check):
                      [per_image, many], accepts(center=(0.5,), reduce=("l2",))),
             Property("sets clipped pixels to gray, 0.5, in all three channels", 1, [per_image],
                      accepts(fill=(0.5,))),
-            Property("leaves its input unchanged", 1, [per_image], _manners(accepts()), feedback_only=True),
+            Property("leaves its input unchanged", 1, [per_image], manners(accepts()), feedback_only=True),
         ]
 
 
@@ -273,7 +211,7 @@ class ClipSmallContributions(Check):
         signs = _contrasts(g, 2, 12, 12)
         many = Case((*build(signs, g), 60.0), label="2 images 12x12 whose contributions have both signs")
 
-        variants = _Variants()
+        variants = ReferenceVariants("cs_helpers.reference.synthesis")
         helper = "_clip_small_contributions_variant"
 
         def accepts(**fixed):
@@ -294,7 +232,7 @@ class ClipSmallContributions(Check):
                      "of the channel sum", 1, [per_image, many], accepts(center=(0.5,), form=("abs_sum",))),
             Property("sets clipped pixels to gray, 0.5, in all three channels", 1, [per_image],
                      accepts(fill=(0.5,))),
-            Property("leaves its inputs unchanged", 1, [per_image], _manners(accepts()), feedback_only=True),
+            Property("leaves its inputs unchanged", 1, [per_image], manners(accepts()), feedback_only=True),
         ]
 
 
@@ -312,7 +250,7 @@ class TotalVariation(Check):
         three = Case((torch.rand(1, 3, 9, 7, generator=g), 3.0), label="an image 9x7, beta 3")
         half = Case((torch.rand(3, 2, 5, 6, generator=g) * 4, 1.5), label="3 tensors (2, 5, 6) scaled by 4, beta 1.5")
 
-        variants = _Variants()
+        variants = ReferenceVariants("cs_helpers.reference.synthesis")
         helper = "_tv_variant"
         forms, ranges, reduces = ("iso", "aniso", "abs", "abs_beta"), ("cropped", "full"), ("sum", "mean")
         tol = dict(rtol=1e-4, atol=1e-4)
@@ -333,7 +271,7 @@ class TotalVariation(Check):
                      accepts(form=("iso", "aniso"))),
             Property("sums over the batch, the channels and the pixels (not a mean)", 1, [square, half],
                      accepts(reduce=("sum",))),
-            Property("leaves its input unchanged", 1, [square], _manners(accepts()), feedback_only=True),
+            Property("leaves its input unchanged", 1, [square], manners(accepts()), feedback_only=True),
         ]
 
 
@@ -363,7 +301,7 @@ class FeatureInversionLoss(Check):
         beta_three = Case((f3 * 0.5, t3, img3, 0.1), dict(beta=3.0), label="tv_weight 0.1, beta=3 by keyword")
         at_target = Case((t.clone(), t, img, 0.0), label="features equal to the target, tv_weight 0")
 
-        variants = _Variants()
+        variants = ReferenceVariants("cs_helpers.reference.synthesis")
         helper = "_inversion_variant"
         tol = dict(rtol=1e-4, atol=1e-5)
 
@@ -381,7 +319,7 @@ class FeatureInversionLoss(Check):
                      "mean and not ||target||)", 1, [no_tv, weighted], accepts(norm=("sq",))),
             Property("adds tv_weight * total_variation(img, beta), with the given beta", 1,
                      [weighted, beta_one, beta_three], accepts(tv=("right",))),
-            Property("leaves its inputs unchanged", 1, [weighted], _manners(accepts()), feedback_only=True),
+            Property("leaves its inputs unchanged", 1, [weighted], manners(accepts()), feedback_only=True),
         ]
 
 
@@ -402,12 +340,12 @@ class DeepDreamStep(Check):
                       label="a 16x12 image, layer conv2 (values of both signs)")
         edges = Case((torch.rand(1, 3, 16, 16, generator=g).round() * 0.98 + 0.01, relu, "relu2", 0.5),
                      label="an image near 0 and 1 with lr 0.5 (steps leave [0, 1])")
-        world = _toyworld(1, seed + 1)
+        world = toyworld_cases(1, seed + 1, size=32)
         toy = Case((world.images[:1], ModelSpec("toynet"), "relu2", 0.03), label="a ToyWorld image, ToyNet relu2")
         lite = Case((_smooth(g, 1, 32, 32), ModelSpec("efficientnet_lite0"), "blocks.3", 0.02),
                     label="a 32x32 image, EfficientNet-Lite0 blocks.3")
 
-        variants = _Variants()
+        variants = ReferenceVariants("cs_helpers.reference.synthesis")
         helper = "_deepdream_variant"
 
         def accepts(**fixed):
@@ -425,5 +363,5 @@ class DeepDreamStep(Check):
                      [first, deeper], accepts(normalize=("mean",))),
             Property("clamps the new image to [0, 1]", 1, [edges], accepts(clamp=(True,))),
             Property("leaves the image unchanged, removes its hook, keeps the model's mode and parameters", 1,
-                     [first, toy], _manners(accepts()), feedback_only=True),
+                     [first, toy], manners(accepts()), feedback_only=True),
         ]

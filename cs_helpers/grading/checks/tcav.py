@@ -30,19 +30,14 @@ import math
 import numpy as np
 import torch
 
-from ..core import (Case, Check, ModelSpec, Outcome, Property, _as_tensor, fresh_generator, full_float32,
-                    materialize, same_shape, same_values, shape_matches, to_plain)
+from ..core import (Case, Check, ModelSpec, Outcome, Property, _as_tensor, fresh_generator, same_values,
+                    shape_matches, to_plain)
 from ..registry import register
+from ._shared import ReferenceVariants, close_scaled, toyworld_cases
 
 
 def _reference():
     return importlib.import_module("cs_helpers.reference.tcav")
-
-
-def _device():
-    from ... import device
-
-    return device()
 
 
 def _vector(value):
@@ -207,41 +202,8 @@ class TrainCav(Check):
 
 # ---------------------------------------------------------- directional_derivatives
 
-class _Variants:
-    """What the reference's private variant helpers return on a case, computed once per
-    case and knob setting in the grader's process."""
-
-    def __init__(self):
-        self.models: dict = {}
-        self.values: dict = {}
-
-    def get(self, case: Case, helper: str, **knobs):
-        slot = (id(case), helper, tuple(sorted(knobs.items())))
-        if slot not in self.values:
-            device = _device()
-            args = materialize(case.args, device, self.models)
-            kwargs = dict(materialize(case.kwargs, device, self.models))
-            kwargs.update(knobs)
-            try:
-                with full_float32():
-                    value = getattr(_reference(), helper)(*args, **kwargs)
-                self.values[slot] = value.detach().cpu() if isinstance(value, torch.Tensor) else value
-            except Exception:
-                self.values[slot] = None
-        return self.values[slot]
-
-
-def _close(expected, got, rtol=1e-3, rel_atol=1e-4, atol=1e-7) -> bool:
-    if not isinstance(expected, torch.Tensor) or not same_shape(expected, got):
-        return False
-    scale = float(expected.detach().abs().max().cpu()) if expected.numel() else 0.0
-    return same_values(expected, got, rtol=rtol, atol=rel_atol * scale + atol)
-
-
-def _toyworld(n, seed, size=64):
-    from ...toyworld import toyworld
-
-    return toyworld(n, seed=int(seed) % (2**31 - 1), size=size)
+def _close(expected, got) -> bool:
+    return close_scaled(expected, got, rel_atol=1e-4)
 
 
 @register
@@ -261,13 +223,13 @@ class DirectionalDerivatives(Check):
                     4, cav(8 * 8 * 8)), label="3 images 16x16, layer relu2 of a ReLU6 CNN, target 4")
         pooled = Case((ModelSpec("tiny_relu_cnn", seed % 1000 + 2), "pool1", torch.rand(5, 3, 12, 12, generator=g), 0,
                        cav(6 * 6 * 6)), label="5 images 12x12, layer pool1, target 0")
-        world = _toyworld(4, seed)
+        world = toyworld_cases(4, seed)
         toy = Case((ModelSpec("toynet"), "relu2", world.images, int(world.labels[0]), cav(32 * 32 * 32)),
                    label="4 ToyWorld scenes, ToyNet layer relu2")
         toy_conv = Case((ModelSpec("toynet"), "conv3", world.images, 4, cav(64 * 16 * 16)),
                         label="4 ToyWorld scenes, ToyNet layer conv3, target 4")
 
-        variants = _Variants()
+        variants = ReferenceVariants("cs_helpers.reference.tcav", none_on_error=True)
 
         def variant(case, score, where):
             return variants.get(case, "_directional_variant", score=score, where=where)
@@ -376,7 +338,7 @@ def _texture_scenes(n, seed, class_name):
     """``n`` fresh ToyWorld scenes of one class."""
     from ...toyworld import CLASS_NAMES
 
-    world = _toyworld(n * len(CLASS_NAMES) + 10, seed)
+    world = toyworld_cases(n * len(CLASS_NAMES) + 10, seed)
     keep = (world.labels == CLASS_NAMES.index(class_name)).nonzero().flatten()[:n]
     return world.images[keep]
 
