@@ -44,3 +44,20 @@ def photos():
     from cs_helpers.data import sample_images
 
     return sample_images()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tests on tiny networks and small images: a second intra-op thread only adds
+    synchronization (and, on a busy 2-core machine, makes them several times slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def toynet():
+    from cs_helpers.models import load_model
+
+    return load_model("toynet", device="cpu")

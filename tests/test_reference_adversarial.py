@@ -8,37 +8,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cs_helpers import grading
 from cs_helpers.grading import get_check, hidden_seed
-from cs_helpers.grading import tiny_models  # noqa: F401  (registers the tiny networks)
-from cs_helpers.grading.core import ModelSpec, build_model, call_case, unique_cases
+from cs_helpers.grading.core import call_case, unique_cases
 from cs_helpers.reference import adversarial as ref
 from cs_helpers.reference.adversarial import fgsm, fooling_rate, make_fooling_image, pgd, universal_perturbation
 
+from helpers import rand, tiny
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 NAMES = ("make_fooling_image", "fgsm", "pgd", "universal_perturbation", "fooling_rate")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def tiny(name="tiny_relu_cnn", seed=0):
-    return build_model(ModelSpec(name, seed), device="cpu")
-
-
-def rand(*shape, seed=0):
-    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed))
-
-
-@pytest.fixture(scope="module")
-def toynet():
-    from cs_helpers.models import load_model
-
-    return load_model("toynet", device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -11,44 +11,16 @@ import torch.nn.functional as F
 
 from cs_helpers import grading
 from cs_helpers.grading import get_check, hidden_seed
-from cs_helpers.grading import tiny_models  # noqa: F401  (registers the tiny networks)
-from cs_helpers.grading.core import ModelSpec, build_model
 from cs_helpers.hooks import capture
 from cs_helpers.reference.cam import class_activation_map, grad_cam, guided_grad_cam, pointing_game, upsample_cam
 from cs_helpers.reference.saliency import guided_backprop
 
+from helpers import hook_count, rand, tiny
+
 NAMES = ("class_activation_map", "grad_cam", "upsample_cam", "guided_grad_cam", "pointing_game")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-def tiny(name="tiny_relu_cnn", seed=0):
-    return build_model(ModelSpec(name, seed), device="cpu")
-
-
-def rand(*shape, seed=0):
-    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed))
-
-
-def hook_count(model):
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-               + len(getattr(m, "_backward_pre_hooks", {})) for m in model.modules())
-
-
-@pytest.fixture(scope="module")
-def toynet():
-    from cs_helpers.models import load_model
-
-    return load_model("toynet", device="cpu")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore::UserWarning")]
 
 
 # ------------------------------------------------------------------------ cross-checks

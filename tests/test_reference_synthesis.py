@@ -14,42 +14,16 @@ import torch
 
 from cs_helpers import grading
 from cs_helpers.grading import get_check, hidden_seed
-from cs_helpers.grading import tiny_models  # noqa: F401  (registers the tiny networks)
-from cs_helpers.grading.core import ModelSpec, build_model
 from cs_helpers.reference import synthesis as ref
 from cs_helpers.reference.synthesis import (class_visualization_step, clip_small_contributions, clip_small_values,
                                             deepdream_step, feature_inversion_loss, total_variation)
 
+from helpers import hook_count, rand, tiny
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 NAMES = ("class_visualization_step", "clip_small_values", "clip_small_contributions", "total_variation",
          "feature_inversion_loss", "deepdream_step")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def tiny(name="tiny_relu_cnn", seed=0):
-    return build_model(ModelSpec(name, seed), device="cpu")
-
-
-def rand(*shape, seed=0):
-    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed))
-
-
-def hook_count(model):
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-               + len(getattr(m, "_backward_pre_hooks", {})) for m in model.modules())
-
-
-@pytest.fixture(scope="module")
-def toynet():
-    from cs_helpers.models import load_model
-
-    return load_model("toynet", device="cpu")
 
 
 # ------------------------------------------------------------------ total variation
