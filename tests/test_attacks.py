@@ -304,3 +304,32 @@ def test_cs_helpers_grade_gives_the_same_scores(graded_course, student, tmp_path
     nbformat.write(STUDENTS[student][0](tmp_path / "course-that-does-not-exist"), submission)
     result = grade_submission(submission, notebooks_dir=tmp_path / "notebooks")
     assert {c["grade_id"]: c["score"] for c in result.cells} == STUDENTS[student][1]
+
+
+def test_points_in_the_gradebook_from_anyone_but_the_grader_are_refused(tmp_path, monkeypatch):
+    """The sandbox keeps the gradebook out of a student's reach; should anything else
+    write points into the fresh gradebook all the same (here: a compromised autograde
+    step), `cs-helpers grade` refuses the scores instead of reporting them."""
+    from nbgrader.api import Gradebook
+    from nbgrader.apps import NbGraderAPI
+
+    from cs_helpers.course import GradebookTampered, grade_submission
+
+    real_autograde = NbGraderAPI.autograde
+
+    def autograde_then_plant(self, assignment_id, student_id, **kwargs):
+        result = real_autograde(self, assignment_id, student_id, **kwargs)
+        with Gradebook(self.coursedir.db_url) as gb:
+            grade = gb.find_submission_notebook(NOTEBOOK[:-6], assignment_id, student_id).grades[0]
+            grade.manual_score = 5.0  # what the formgrader writes
+            gb.db.commit()
+        return result
+
+    monkeypatch.setattr(NbGraderAPI, "autograde", autograde_then_plant)
+    course = tmp_path / "notebooks" / "01_ps1"
+    course.mkdir(parents=True)
+    nbformat.write(_source_notebook(), course / NOTEBOOK)
+    submission = tmp_path / NOTEBOOK
+    nbformat.write(STUDENTS["alice"][0](tmp_path / "unused"), submission)
+    with pytest.raises(GradebookTampered, match="manual score or extra credit"):
+        grade_submission(submission, notebooks_dir=tmp_path / "notebooks")
