@@ -11,6 +11,11 @@ autogrades, :class:`cs_helpers.grading.nbgrader_plugin.TrustedScores` recomputes
 score in the grader's own process, from what the student's code returned when run in a
 separate child process (:mod:`cs_helpers.grading.sandbox`), and overwrites the cell's
 outputs with it.
+
+The student release has no reference. There :func:`score` is a self-check: it runs the
+properties that need no reference (closed-form cases, shapes, invariances, manners: see
+:attr:`cs_helpers.grading.core.Property.expect`), says which hold and which wait for
+grading, and returns None, never a number that could pass for a grade.
 """
 from __future__ import annotations
 
@@ -18,31 +23,36 @@ import contextlib
 import io
 import warnings
 
-from .core import Check, Report
+from .core import Check, Report, SelfCheckReport
 from .registry import get_check, hidden_seed, load_all
 
-__all__ = ["Check", "Report", "get_check", "hidden_seed", "load_all", "score"]
+__all__ = ["Check", "Report", "SelfCheckReport", "get_check", "has_reference", "hidden_seed", "load_all", "score",
+           "self_check"]
 
 
-def score(name: str, func, seed: int | None = None, *, device=None, quiet: bool = False) -> float:
+def score(name: str, func, seed: int | None = None, *, device=None, quiet: bool = False) -> float | None:
     """Checks ``func`` against the reference of ``name`` in this process.
 
     Prints one message naming the properties that fail (never the expected numbers)
-    and returns the score out of the check's points. Never raises and never writes to
-    stderr: anything the student's function raises or prints is contained.
+    and returns the score out of the check's points. Without the reference (the student
+    release) it self-checks instead (:func:`self_check`): the message says which
+    properties ran and which wait for grading, and the result is None. Never raises and
+    never writes to stderr: anything the student's function raises or prints is
+    contained.
     """
     try:
         check = get_check(name)
     except Exception:
         if not quiet:
             print(f"{name}: no check is known for this function.")
-        return 0.0
+        return None if not has_reference() else 0.0
+    if not has_reference():
+        report = _self_check_or_none(check, func, _self_check_seed(name) if seed is None else seed, device)
+        if not quiet:
+            print(report.message if report is not None else f"{name}: the self-check could not run.")
+        return None
     try:
         report = _score_in_process(check, func, hidden_seed(name) if seed is None else seed, device)
-    except ModuleNotFoundError:
-        if not quiet:
-            print(f"{name}: the hidden tests need the instructor's reference; they run when your work is graded.")
-        return 0.0
     except Exception as exc:  # a failure of the grader itself: say so, without traceback
         if not quiet:
             print(f"{name}: the check could not run ({type(exc).__name__}).")
@@ -52,13 +62,62 @@ def score(name: str, func, seed: int | None = None, *, device=None, quiet: bool 
     return report.score
 
 
+def has_reference() -> bool:
+    """Whether ``cs_helpers.reference`` is installed (the instructor's install; not the
+    student release)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("cs_helpers.reference") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def self_check(name: str, func, seed: int | None = None, *, device=None) -> SelfCheckReport:
+    """The properties of ``name``'s check that need no reference, run on ``func`` in
+    this process: a :class:`SelfCheckReport` (no score; the properties that need the
+    reference listed as waiting for grading). Raises ``KeyError`` for an unknown name."""
+    check = get_check(name)
+    return _self_check(check, func, _self_check_seed(name) if seed is None else seed, device)
+
+
+def _self_check_seed(name: str) -> int:
+    """The public seed (no course secret: the self-check's cases hide nothing, and
+    looking for a secret must not leave a file in the student's installation)."""
+    return hidden_seed(name, secret=b"")
+
+
+def _self_check_or_none(check, func, seed, device):
+    try:
+        return _self_check(check, func, seed, device)
+    except Exception:  # a failure of the checker itself, reported without traceback
+        return None
+
+
+def _self_check(check: Check, func, seed: int, device=None) -> SelfCheckReport:
+    from .core import unique_cases
+
+    props = check.properties(seed)
+    runnable = [p for p in props if not p.needs_reference]
+    got = _run_cases(func, unique_cases(runnable), device)
+    return check.self_check(props, got, _device(device))
+
+
 def _score_in_process(check: Check, func, seed: int, device=None) -> Report:
-    from .core import call_case, unique_cases
+    from .core import unique_cases
     from .sandbox import reference_outcomes
 
     props = check.properties(seed)
     cases = unique_cases(props)
     expected = reference_outcomes(check, cases, device)
+    return check.evaluate(props, expected, _run_cases(func, cases, device))
+
+
+def _run_cases(func, cases, device=None) -> dict:
+    """The outcomes of ``func`` on ``cases`` by ``id(case)``, with its output and
+    warnings contained."""
+    from .core import call_case
+
     got = {}
     sink = io.StringIO()
     cache: dict = {}
@@ -75,7 +134,7 @@ def _score_in_process(check: Check, func, seed: int, device=None) -> Report:
                 from .core import Outcome
 
                 got[id(case)] = Outcome(error=f"raised {type(exc).__name__}")
-    return check.evaluate(props, expected, got)
+    return got
 
 
 def _device(device):

@@ -30,7 +30,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 __all__ = [
-    "Case", "Check", "ModelSpec", "Outcome", "Property", "Report",
+    "Case", "Check", "ModelSpec", "Outcome", "Property", "Report", "SelfCheckReport",
     "build_model", "register_model_builder", "same_values", "same_shape",
 ]
 
@@ -123,13 +123,26 @@ class Property:
     that runs the graded code (hooks left on the model, its mode, the inputs after the
     call, counts of Python or torch calls): that code can forge such evidence, so the
     property earns no points anywhere. It is still checked, and its message shown, as
-    advice. Points come only from what a function returns."""
+    advice. Points come only from what a function returns.
+
+    ``expect`` marks a property that needs no reference: called like the graded function
+    on each of the property's cases, it returns a value that ``holds`` accepts as the
+    expected one there, from a closed form (F.conv2d's output, v(all) - v(none)) or from
+    what the inputs imply (the output's shape). It only has to be right for what this
+    property compares, on these cases. The student release, which has no reference,
+    self-checks such properties with it (:meth:`Check.self_check`); grading always
+    compares with the reference's outputs and never calls it."""
 
     description: str
     weight: float
     cases: list[Case]
     holds: Comparison
     feedback_only: bool = False
+    expect: Callable | None = None
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.expect is None
 
 
 @dataclass
@@ -162,6 +175,35 @@ class Report:
 
     def __str__(self):
         return self.message
+
+
+@dataclass
+class SelfCheckReport(Report):
+    """A self-check without the reference (the student release): which properties that
+    need no reference hold, and which wait for grading. It is no grade: ``score`` is
+    None, and the message counts properties, never points."""
+
+    waiting: list[str] = field(default_factory=list)
+
+    @property
+    def message(self) -> str:
+        ran = len(self.passed) + len(self.failed)
+        if ran == 0:
+            lines = [f"{self.name} (self-check, no score): none of its properties can be checked without the "
+                     "instructor's reference; they are all checked when your work is graded."]
+        else:
+            verdict = "all hold" if not self.failed else f"{len(self.passed)} hold"
+            lines = [f"{self.name} (self-check, no score): {ran} of {ran + len(self.waiting)} properties need no "
+                     f"reference and ran here; {verdict}."]
+            lines += ["Holds:"] + [f"  - {d}" for d in self.passed] if self.passed else []
+            if self.failed:
+                lines += ["Not yet right:"] + [f"  - {d}" for d in self.failed]
+                lines += [f"  ({e})" for e in self.errors[:3]]
+        lines += self._advice_lines()
+        if self.waiting:
+            lines += ["Waiting for grading (they need the instructor's reference):"]
+            lines += [f"  - {d}" for d in self.waiting]
+        return "\n".join(lines)
 
 
 class Check:
@@ -214,6 +256,31 @@ class Check:
             earned += prop.weight if ok else 0.0
         score = round(points * earned / total, 4) if total else 0.0
         return Report(self.name, score, points, passed, failed, errors, advice)
+
+    def self_check(self, props: list[Property], got: dict[int, Outcome], device=None) -> SelfCheckReport:
+        """Judges ``got`` (outcomes by ``id(case)``) on the properties that need no
+        reference, each against its own :attr:`Property.expect`; the others are listed
+        as waiting for grading. Used where the reference is absent; a grade never comes
+        from here."""
+        runnable = [p for p in props if not p.needs_reference]
+        waiting = [p.description for p in props if p.needs_reference and not p.feedback_only]
+        passed, failed, errors, advice, cache = [], [], [], [], {}
+        for prop in runnable:
+            expected = {}
+            for case in prop.cases:
+                outcome = call_case(prop.expect, case, device, cache)
+                if not outcome.ok:
+                    raise RuntimeError(f"the closed form of {prop.description!r} failed on {case.label}: "
+                                       f"{outcome.error}")
+                expected[id(case)] = outcome
+            report = self.evaluate([prop], expected, got)
+            if prop.feedback_only:
+                advice += report.advice
+                continue
+            passed += report.passed
+            failed += report.failed
+            errors += [e for e in report.errors if e not in errors]
+        return SelfCheckReport(self.name, None, self.points, passed, failed, errors, advice, waiting)
 
 
 def unique_cases(props: Sequence[Property]) -> list[Case]:

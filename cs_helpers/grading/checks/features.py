@@ -5,7 +5,11 @@ removed, the model's mode, and the number of Python calls are recorded in the pr
 that runs the graded code, which can forge them: those properties are ``feedback_only``
 (checked and shown as advice, worth no points). Where a mistake of that kind changes the
 returned values, a case of its own makes it cost points (a model with batch norm shows a
-function that switches the model to training mode)."""
+function that switches the model to training mode).
+
+Properties with an ``expect`` need no reference (the student release self-checks them):
+shapes and structures that follow from the inputs, and the closed-form parts of the
+receptive field (one layer, the jump, the empty chain)."""
 from __future__ import annotations
 
 import math
@@ -13,7 +17,7 @@ import math
 import torch
 
 from ..core import (Case, Check, ModelSpec, Property, _as_tensor, calls_do_not_grow, fresh_generator,
-                    same_shape, same_values, shape_matches, to_plain, values_close)
+                    same_shape, same_values, shape_matches, to_plain)
 from ..registry import register
 
 
@@ -125,7 +129,8 @@ class NearestNeighbors(Check):
         large = Case((torch.randn(64, 6, generator=g), torch.randn(20, 6, generator=g), 3),
                      label="64 queries", count_calls=True)
         return [
-            Property("returns a LongTensor (Q, k)", 1, [basic], _long_of_shape),
+            Property("returns a LongTensor (Q, k)", 1, [basic], _long_of_shape,
+                     expect=lambda queries, database, k: torch.zeros(queries.shape[0], k, dtype=torch.long)),
             Property("returns the k nearest database rows in Euclidean distance, nearest first", 2,
                      [basic, scaled], _indices_equal),
             Property("breaks ties in distance by the lower database index", 1, [ties], _indices_equal),
@@ -155,6 +160,11 @@ def _parts(value):
     if not isinstance(value, (tuple, list)) or len(value) != 3:
         return None
     return [_as_tensor(v) for v in value]
+
+
+def _pca_zeros(features, k):
+    n, d = features.shape
+    return torch.zeros(n, k), torch.zeros(k, d), torch.zeros(k)
 
 
 def _pca_shapes(case, expected, got) -> bool:
@@ -200,7 +210,7 @@ class Pca(Check):
         many = Case((_spectrum_data(g, 50, 7), 5), label="50 centred points in 7 dimensions, k=5")
         return [
             Property("returns (projected (N, k), components (k, D), explained_variance_ratio (k,))", 1,
-                     [basic, wide], _pca_shapes),
+                     [basic, wide], _pca_shapes, expect=_pca_zeros),
             Property("centres the features by their mean before the decomposition", 2, [offset],
                      _pca_up_to_sign),
             Property("components are the top-k right singular vectors (orthonormal rows, largest "
@@ -258,16 +268,19 @@ class ReceptiveField(Check):
                       label="ToyNet's conv1 ... conv3")
         empty = Case(([],), label="an empty chain")
         return [
-            Property("one layer: size = kernel and jump = stride", 1, [single, single_pad], _rf_field(0, 1)),
+            Property("one layer: size = kernel and jump = stride", 1, [single, single_pad], _rf_field(0, 1),
+                     expect=lambda layers: (layers[0][0], layers[0][1], 0.0)),
             Property("size grows by (kernel - 1) times the jump of the layers before (the product of "
                      "their strides)", 2, [chain, deep, padded], _rf_field(0)),
-            Property("jump is the product of the strides", 1, [chain, deep], _rf_field(1)),
+            Property("jump is the product of the strides", 1, [chain, deep], _rf_field(1),
+                     expect=lambda layers: (0, math.prod(stride for _, stride, _ in layers), 0.0)),
             Property("start: each layer moves the centre of output 0 by (kernel - 1) / 2 input "
                      "steps of the jump before it (pixel centres at integer coordinates)", 1,
                      [single, chain, deep], _rf_field(2)),
             Property("start with padding: each layer's padding moves the centre back by "
                      "padding x the jump before it", 1, [single_pad, padded, toynet], _rf_field(2)),
-            Property("an empty chain is the input itself: (1, 1, 0)", 1, [empty], _rf_field(0, 1, 2)),
+            Property("an empty chain is the input itself: (1, 1, 0)", 1, [empty], _rf_field(0, 1, 2),
+                     expect=lambda layers: (1, 1, 0.0)),
         ]
 
 
@@ -315,7 +328,8 @@ class TopActivatingPatches(Check):
         ties = Case((torch.randint(-3, 4, (6, 3, 4, 4), generator=g).float().clamp_min(0), 1, 30),
                     label="ReLU-like activations with many equal values, k=30")
         return [
-            Property("returns a list of k tuples (n, i, j, value)", 1, [basic], _patches_structure),
+            Property("returns a list of k tuples (n, i, j, value)", 1, [basic], _patches_structure,
+                     expect=lambda activations, channel, k: [(0, 0, 0, 0.0)] * k),
             Property("finds the k largest values of the channel, largest first, with their (n, i, j)", 2,
                      [basic], _patches_equal),
             Property("reads the requested channel of every image (activations[:, channel])", 1,

@@ -3,10 +3,15 @@
 Points come only from the values a function returns. What is recorded inside the process
 that runs the graded code (its inputs after the call, counts of Python calls, the torch
 functions it called) can be forged by that code, so those properties are
-``feedback_only``: checked and shown as advice, worth no points."""
+``feedback_only``: checked and shown as advice, worth no points.
+
+Properties with an ``expect`` need no reference (the student release self-checks them):
+the output's shape follows from the inputs, and im2col and conv2d_im2col have closed
+forms in torch itself (F.unfold, F.conv2d)."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..core import (Case, Check, Property, calls_do_not_grow, fresh_generator, inputs_unchanged,
                     shape_matches, values_close)
@@ -32,7 +37,7 @@ class NormalizeFilters(Check):
         other = Case((torch.randn(7, 16, 3, 3, generator=g) * 0.1,), label="filters with 16 input channels")
         single = Case((torch.randn(5, 1, 7, 7, generator=g),), label="single-channel filters")
         return [
-            Property("returns a tensor of the input's shape", 1, [plain], shape_matches),
+            Property("returns a tensor of the input's shape", 1, [plain], shape_matches, expect=torch.zeros_like),
             Property("scales each filter to [0, 1] on its own (per filter, not across the bank)", 3,
                      [plain, mixed], values_close()),
             Property("turns a constant filter into 0.5 everywhere", 1, [flat], values_close()),
@@ -65,7 +70,7 @@ class Im2col(Check):
                     padding=(1, 0))
         batch = case(5, 1, 7, 7, 3, "a batch of 5 images", padding=1)
         exact = values_close(rtol=1e-6, atol=1e-6)  # im2col copies numbers: no rounding to excuse
-        return [
+        props = [
             Property("returns (N, C_in * kh * kw, L): one column per output position", 1,
                      [single, many, strided, rect], shape_matches),
             Property("puts the patch under each output position in its own column, read row by row, "
@@ -79,6 +84,17 @@ class Im2col(Check):
             Property("keeps the patches of each image of a batch apart", 1, [batch], exact),
             Property("leaves its input unchanged", 1, [padded], inputs_unchanged, feedback_only=True),
         ]
+        for prop in props:  # the contract: the layout of F.unfold
+            prop.expect = _unfold
+        return props
+
+
+def _unfold(x, kernel_size, stride=1, padding=0):
+    return F.unfold(x, kernel_size, stride=stride, padding=padding)
+
+
+def _conv2d(x, weight, bias=None, stride=1, padding=0):
+    return F.conv2d(x, weight, bias, stride=stride, padding=padding)
 
 
 CONVOLUTIONS = {"conv2d", "convolution", "_convolution", "conv1d", "conv3d", "conv_transpose2d", "conv_tbc",
@@ -113,7 +129,7 @@ class Conv2dIm2col(Check):
         def without_convolution(case_, expected, got):
             return correct(case_, expected, got) and not CONVOLUTIONS.intersection(got.torch_calls)
 
-        return [
+        props = [
             Property("matches F.conv2d with stride 1 and no padding", 2, [basic], correct),
             Property("zero-pads the input", 1, [padded], correct),
             Property("applies the stride", 1, [strided], correct),
@@ -129,6 +145,9 @@ class Conv2dIm2col(Check):
                      "with the image)", 1, [small, large], calls_do_not_grow(small, large, correct),
                      feedback_only=True),
         ]
+        for prop in props:  # the contract: the numbers of F.conv2d
+            prop.expect = _conv2d
+        return props
 
 
 @register
@@ -145,7 +164,8 @@ class LinearTemplates(Check):
         flat_rows[2] = -1.5
         constant = Case((flat_rows, (3, 4)), label="a constant row")
         return [
-            Property("returns (num_classes, *image_shape)", 1, [digits, colour], shape_matches),
+            Property("returns (num_classes, *image_shape)", 1, [digits, colour], shape_matches,
+                     expect=lambda W, image_shape: torch.zeros(W.shape[0], *image_shape)),
             Property("reshapes each row in row-major order and scales it to [0, 1] on its own", 3,
                      [digits, colour], values_close()),
             Property("turns a constant row into 0.5", 1, [constant], values_close()),

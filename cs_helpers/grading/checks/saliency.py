@@ -11,7 +11,11 @@ student release has no reference, and there the hidden tests say so instead).
 
 The properties about manners (batching, no hook left, inputs unchanged, the model's mode)
 are recorded in the process that runs the graded code, which can forge them: they are
-``feedback_only``, checked and shown as advice, worth no points. They hold only for an
+``feedback_only``, checked and shown as advice, worth no points.
+
+Properties with an ``expect`` need no reference (the student release self-checks them):
+the shapes of the maps, and for Shapley values the efficiency axiom, whose sum
+v(all) - v(none) takes two forward passes. They hold only for an
 output the grader *recognizes* (the reference's, or one of the known mistakes), so one
 mistake in the formula does not also show up as bad manners. Where such a mistake changes
 the returned values, a case of its own makes it cost points: a network with batch norm
@@ -20,80 +24,23 @@ in training mode.
 """
 from __future__ import annotations
 
-import importlib
 import itertools
 
 import torch
 
-from ..core import (Case, Check, ModelSpec, Property, calls_do_not_grow, fresh_generator, full_float32,
-                    good_citizen, inputs_unchanged, materialize, same_shape, same_values, shape_matches)
+from ..core import Case, Check, ModelSpec, Property, calls_do_not_grow, fresh_generator, shape_matches
 from ..registry import register
-
-
-def _reference():
-    return importlib.import_module("cs_helpers.reference.saliency")
-
-
-def _device():
-    from ... import device
-
-    return device()
-
-
-def _close(expected, got, rtol: float = 1e-3, rel_atol: float = 1e-5, atol: float = 1e-7) -> bool:
-    """Same shape and values, with an absolute tolerance relative to the largest
-    expected magnitude (saliency maps of tiny networks are small numbers)."""
-    if not isinstance(expected, torch.Tensor) or not same_shape(expected, got):
-        return False
-    scale = float(expected.detach().abs().max().cpu()) if expected.numel() else 0.0
-    return same_values(expected, got, rtol=rtol, atol=rel_atol * scale + atol)
+from ._shared import ReferenceVariants, close_scaled, manners, toyworld_cases
 
 
 def _matches_any(candidates, got) -> bool:
     """``candidates`` may be a generator: alternatives are computed only as needed."""
-    return any(_close(c, got) for c in candidates)
+    return any(close_scaled(c, got) for c in candidates)
 
 
-def _manners(recognized):
-    """No hook left, model mode and parameters as they were, tensor inputs unchanged,
-    for an output that ``recognized(case, expected, got)`` accepts. (The core
-    comparisons also demand the reference's exact values; they are given the
-    function's own value as "expected" so that only ``recognized`` judges the values.)"""
-    def holds(case, expected, got):
-        return (recognized(case, expected, got) and inputs_unchanged(case, got.value, got)
-                and good_citizen(case, got.value, got))
-    return holds
-
-
-class _Variants:
-    """What the reference's private variant helpers return on a case, computed once per
-    case and knob setting in the grader's process (models built from the case's
-    ModelSpecs)."""
-
-    def __init__(self):
-        self.models: dict = {}
-        self.values: dict = {}
-
-    def get(self, case: Case, helper: str, **knobs):
-        """``reference.<helper>(*case.args, **case.kwargs, **knobs)``; a knob
-        ``baseline=None`` keeps the case's own baseline."""
-        slot = (id(case), helper, tuple(sorted(knobs.items())))
-        if slot not in self.values:
-            device = _device()
-            args = materialize(case.args, device, self.models)
-            kwargs = dict(materialize(case.kwargs, device, self.models))
-            if knobs.get("baseline", None) is None:
-                knobs.pop("baseline", None)
-            kwargs.update(knobs)
-            with full_float32():
-                self.values[slot] = getattr(_reference(), helper)(*args, **kwargs).detach().cpu()
-        return self.values[slot]
-
-
-def _toyworld(n: int, seed: int, size: int = 64):
-    from ...toyworld import toyworld
-
-    return toyworld(n, seed=int(seed) % (2**31 - 1), size=size)
+def _variants() -> ReferenceVariants:
+    """The reference's mistake variants; a knob ``baseline=None`` keeps the case's own."""
+    return ReferenceVariants("cs_helpers.reference.saliency", defaults_when_none=("baseline",))
 
 
 # Holds for the reference's values or a recognized mistake computed in eval mode, so that a
@@ -119,7 +66,7 @@ class GradientSaliency(Check):
                    label="3 images 20x16 (ReLU6 CNN)")
         same_target = Case((relu, torch.rand(3, 3, 16, 16, generator=g), 2),
                            label="an int target for every image")
-        world = _toyworld(3, seed)
+        world = toyworld_cases(3, seed)
         toy = Case((ModelSpec("toynet"), world.images, world.labels), label="ToyWorld images and ToyNet")
         small = Case((relu, torch.rand(2, 3, 16, 16, generator=g), torch.tensor([1, 2])),
                      label="a batch of 2", count_calls=True)
@@ -128,7 +75,7 @@ class GradientSaliency(Check):
         normalized = Case((ModelSpec("tiny_bn_cnn", seed % 1000 + 11), torch.rand(3, 3, 16, 16, generator=g),
                            torch.tensor([1, 0, 4])), label="a network with batch norm")
 
-        variants = _Variants()
+        variants = _variants()
 
         def gradient(case, score):
             return variants.get(case, "_input_gradient", score=score)
@@ -151,7 +98,7 @@ class GradientSaliency(Check):
             return _matches_any(candidates, got.value)
 
         def exact(case, expected, got):
-            return _close(expected, got.value)
+            return close_scaled(expected, got.value)
 
         def recognized(case, expected, got):
             candidates = itertools.chain([expected], (r for s in _SCORES for f in (torch.abs, lambda t: t)
@@ -159,7 +106,8 @@ class GradientSaliency(Check):
             return _matches_any(candidates, got.value)
 
         return [
-            Property("returns one map per image, shape (N, H, W)", 1, [batch, hot], shape_matches),
+            Property("returns one map per image, shape (N, H, W)", 1, [batch, hot], shape_matches,
+                     expect=lambda model, images, targets: torch.zeros(images.shape[0], *images.shape[2:])),
             Property("equals the max over colour channels of |dS_target / d image| (Simonyan et al. 2014), "
                      "on ReLU and ReLU6 networks and on ToyNet", 3, [batch, hot, toy], exact),
             Property("differentiates the target's logit S_c, not its softmax probability (or log-probability)",
@@ -175,7 +123,7 @@ class GradientSaliency(Check):
                      1, [small, large], calls_do_not_grow(small, large, recognized, factor=1.3, slack=40),
                      feedback_only=True),
             Property("leaves the images unchanged, removes its hooks, keeps the model's mode and parameters",
-                     1, [batch, hot], _manners(recognized), feedback_only=True),
+                     1, [batch, hot], manners(recognized), feedback_only=True),
         ]
 
 
@@ -194,7 +142,7 @@ class GuidedBackprop(Check):
                     torch.tensor([1, 3, 3])), label="3 images 16x16 (ReLU6 CNN, inputs often above 6)")
         cool = Case((ModelSpec("tiny_relu6_cnn", seed % 1000 + 4), torch.rand(2, 3, 16, 20, generator=g), 1),
                     label="2 images 16x20 with an int target (ReLU6 CNN, inputs below 6)")
-        world = _toyworld(2, seed + 1)
+        world = toyworld_cases(2, seed + 1)
         toy = Case((ModelSpec("toynet"), world.images, world.labels), label="ToyWorld images and ToyNet")
         photo = torch.rand(1, 3, 8, 8, generator=g)
         photo = torch.nn.functional.interpolate(photo, size=(32, 32), mode="bilinear", align_corners=False)
@@ -203,7 +151,7 @@ class GuidedBackprop(Check):
         normalized = Case((ModelSpec("tiny_bn_cnn", seed % 1000 + 12), torch.rand(3, 3, 16, 16, generator=g),
                            torch.tensor([2, 4, 0])), label="a network with batch norm")
 
-        variants = _Variants()
+        variants = _variants()
 
         def rule(case, name):
             return variants.get(case, "_guided_variant", rule=name)
@@ -215,10 +163,10 @@ class GuidedBackprop(Check):
 
         return [
             Property("returns a gradient image per input image, shape (N, 3, H, W)", 1, [relu, hot],
-                     shape_matches),
+                     shape_matches, expect=lambda model, images, targets: torch.zeros_like(images)),
             Property("matches guided backpropagation (Springenberg et al. 2015) on ReLU and ReLU6 networks, "
                      "ToyNet and EfficientNet-Lite0", 2, [relu, hot, toy, lite0],
-                     lambda case, expected, got: _close(expected, got.value)),
+                     lambda case, expected, got: close_scaled(expected, got.value)),
             Property("passes only positive gradients back through each ReLU (not the plain gradient)", 1,
                      [relu], accepts("deconvnet")),
             Property("keeps each ReLU's forward mask: no gradient where the ReLU's input was <= 0 "
@@ -230,7 +178,7 @@ class GuidedBackprop(Check):
                      1, [hot], accepts("plain")),
             Property(EVAL_MODE, 1, [normalized], accepts("plain", "deconvnet", "relu6_unbounded")),
             Property("removes every hook it registers, leaves the images unchanged and the model as it was", 1,
-                     [relu, hot, toy], _manners(accepts("plain", "deconvnet", "relu6_unbounded")),
+                     [relu, hot, toy], manners(accepts("plain", "deconvnet", "relu6_unbounded")),
                      feedback_only=True),
         ]
 
@@ -257,10 +205,10 @@ class OcclusionMap(Check):
                     label="baseline 0.2")
         flush = Case((hot, image(18, 22), 2), dict(window=8, stride=5, baseline=0.5, batch_size=5),
                      label="an 18x22 image, window 8, stride 5 (the grid stops short of the right border)")
-        world = _toyworld(1, seed + 2)
+        world = toyworld_cases(1, seed + 2)
         toy = Case((ModelSpec("toynet"), world.images[0], int(world.labels[0])),
                    label="a ToyWorld image and ToyNet with the default window, stride and baseline")
-        small_world = _toyworld(1, seed + 3, size=32)
+        small_world = toyworld_cases(1, seed + 3, size=32)
         toy_flush = Case((ModelSpec("toynet"), small_world.images[0], int(small_world.labels[0])),
                          dict(window=12, stride=8, baseline=0.5, batch_size=3),
                          label="a 32x32 ToyWorld image and ToyNet, window 12, stride 8 (a last window flush "
@@ -277,7 +225,7 @@ class OcclusionMap(Check):
         normalized = Case((ModelSpec("tiny_bn_cnn", seed % 1000 + 13), image(16, 16), 2),
                           dict(window=4, stride=4, baseline=0.5), label="a network with batch norm")
 
-        variants = _Variants()
+        variants = _variants()
 
         def variant(case, score, reduce, flush_, baseline):
             return variants.get(case, "_occlusion_variant", score=score, reduce=reduce, flush=flush_,
@@ -293,10 +241,11 @@ class OcclusionMap(Check):
         any_score, any_reduce = ("prob", "logit", "reversed"), ("mean", "sum")
         recognized = accepts(any_score, any_reduce, (True, False))
         return [
-            Property("returns one map of the image's size, shape (H, W)", 1, [tiles, flush], shape_matches),
+            Property("returns one map of the image's size, shape (H, W)", 1, [tiles, flush], shape_matches,
+                     expect=lambda model, image, target, **_: torch.zeros(image.shape[1:])),
             Property("matches the occlusion map (Zeiler & Fergus 2014) on tiny CNNs and on ToyNet", 2,
                      [tiles, overlap, grey, flush, toy, toy_flush],
-                     lambda case, expected, got: _close(expected, got.value)),
+                     lambda case, expected, got: close_scaled(expected, got.value)),
             Property("records the drop of the softmax probability, p(image) - p(occluded) (not logits, "
                      "not the reverse difference)", 1, [tiles, overlap], accepts(("prob",), any_reduce, (True,))),
             Property("gives each pixel the mean over the windows that cover it (not the sum)", 1, [overlap],
@@ -310,7 +259,7 @@ class OcclusionMap(Check):
             Property(EVAL_MODE, 1, [normalized], recognized),
             Property("batches the windows (no forward pass per window)", 1, [few, many],
                      calls_do_not_grow(few, many, recognized, factor=1.5, slack=600), feedback_only=True),
-            Property("leaves the image unchanged and the model as it was", 1, [tiles, toy], _manners(recognized),
+            Property("leaves the image unchanged and the model as it was", 1, [tiles, toy], manners(recognized),
                      feedback_only=True),
         ]
 
@@ -325,6 +274,17 @@ def _voronoi_segments(h: int, w: int, m: int, g: torch.Generator) -> torch.Tenso
     ys, xs = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(), indexing="ij")
     pixels = torch.stack([ys, xs], dim=-1).view(-1, 1, 2)
     return ((pixels - centres) ** 2).sum(-1).argmin(dim=1).view(h, w)
+
+
+def _total_gain(model, image, target, segments, n_permutations, baseline=0.5, seed=0, batch_size=64):
+    """``(M,)`` values whose sum is v(all) - v(none), all of it on segment 0: what the
+    efficiency axiom fixes without the reference (and the whole answer for one segment)."""
+    with torch.no_grad():
+        both = torch.stack([image, torch.full_like(image, float(baseline))])
+        p = model(both).softmax(dim=1)[:, int(target)].double()
+    values = torch.zeros(int(segments.max()) + 1, dtype=torch.float64)
+    values[0] = p[0] - p[1]
+    return values.float()
 
 
 @register
@@ -353,7 +313,7 @@ class ShapleyValues(Check):
                      label="a single segment (its value is v(all) - v(none))")
         whole_grey = Case((relu, image(16, 16), 0, torch.zeros(16, 16, dtype=torch.long), 1),
                           dict(baseline=0.3), label="a single segment, baseline 0.3")
-        world = _toyworld(1, seed + 3)
+        world = toyworld_cases(1, seed + 3)
         toy = Case((ModelSpec("toynet"), world.images[0], int(world.labels[0]),
                     _voronoi_segments(64, 64, 8, g), 6), dict(seed=int(seed % 89)),
                    label="a ToyWorld image, 8 segments, ToyNet")
@@ -369,7 +329,7 @@ class ShapleyValues(Check):
         normalized = Case((ModelSpec("tiny_bn_cnn", seed % 1000 + 14), image(16, 16), 1,
                            _voronoi_segments(16, 16, 5, g), 3), dict(seed=2), label="a network with batch norm")
 
-        variants = _Variants()
+        variants = _variants()
 
         def variant(case, score, invert, baseline):
             return variants.get(case, "_shapley_variant", score=score, invert=invert, baseline=baseline)
@@ -393,23 +353,26 @@ class ShapleyValues(Check):
             return efficient(case, expected, got) or same_permutations(case, expected, got)
 
         return [
-            Property("returns one value per segment, shape (M,)", 1, [one, sampled], shape_matches),
+            Property("returns one value per segment, shape (M,)", 1, [one, sampled], shape_matches,
+                     expect=lambda model, image, target, segments, *_, **__: torch.zeros(int(segments.max()) + 1)),
             Property("the values add up to v(all) - v(none) for any number of permutations (efficiency: "
-                     "each permutation's marginal contributions telescope)", 2, [one, four, toy], efficient),
+                     "each permutation's marginal contributions telescope)", 2, [one, four, toy], efficient,
+                     expect=_total_gain),
             Property("values a coalition by the softmax probability of the target with the segments outside "
                      "it set to the baseline", 1, [whole, whole_grey],
-                     lambda case, expected, got: _close(expected, got.value, rel_atol=0, atol=1e-6)),
+                     lambda case, expected, got: close_scaled(expected, got.value, rel_atol=0, atol=1e-6),
+                     expect=_total_gain),
             Property("draws the permutations from torch.Generator().manual_seed(seed), one "
                      "torch.randperm(M, generator=...) each, adding segments in the order perm[0], perm[1], ...",
                      1, [sampled, defaults], same_permutations),
             Property("matches the permutation-sampling estimate (Castro et al. 2009) on tiny CNNs and ToyNet",
                      2, [sampled, defaults, grey, toy],
-                     lambda case, expected, got: _close(expected, got.value, rel_atol=0, atol=1e-5)),
+                     lambda case, expected, got: close_scaled(expected, got.value, rel_atol=0, atol=1e-5)),
             Property("evaluates the coalitions in forward passes of at most batch_size images", 1, [limited],
                      recognized),
             Property(EVAL_MODE, 1, [normalized], recognized),
             Property("batches the coalitions (no forward pass per coalition)", 1, [few, many],
                      calls_do_not_grow(few, many, recognized, factor=2.0, slack=2500), feedback_only=True),
             Property("leaves the image and the segments unchanged and the model as it was", 1, [sampled, toy],
-                     _manners(recognized), feedback_only=True),
+                     manners(recognized), feedback_only=True),
         ]
