@@ -52,7 +52,11 @@ def _venv_on_path():
             os.environ["MPLBACKEND"] = old_backend
 
 
-def _api(root: Path, source_directory: str, trusted: bool = True):
+def _api(root: Path, source_directory: str, trusted: bool = True, db_url: str | None = None,
+         execute_timeout_s: float | None = None, course_id: str = "course"):
+    """nbgrader's API on the course directory ``root``; ``db_url`` replaces the
+    gradebook at ``root/gradebook.db``, ``execute_timeout_s`` the time limit of one
+    cell in the student's kernel."""
     from nbgrader.apps import NbGraderAPI
     from traitlets.config import Config
 
@@ -61,8 +65,12 @@ def _api(root: Path, source_directory: str, trusted: bool = True):
     config = Config()
     configure(config, root=str(root), source_directory=source_directory)
     config.Exchange.root = str(root / "exchange")
-    config.CourseDirectory.course_id = "course"
+    config.CourseDirectory.course_id = course_id
     config.TrustedScores.enabled = trusted
+    if db_url is not None:
+        config.CourseDirectory.db_url = db_url
+    if execute_timeout_s is not None:
+        config.Execute.timeout = int(execute_timeout_s)
     return NbGraderAPI(config=config)
 
 
@@ -75,7 +83,8 @@ def _check(result: dict, what: str) -> None:
 
 def _cause(log: str) -> str:
     """The line of an nbgrader log that says why it failed (the last error line)."""
-    lines = [line.strip() for line in log.splitlines() if line.strip()]
+    lines = [line.strip() for line in log.splitlines()
+             if line.strip() and "Removing failed assignment" not in line]  # the consequence, not the cause
     for line in reversed(lines):
         if "Error" in line or "refusing" in line or "failed" in line.lower():
             return line[:500]
@@ -136,24 +145,46 @@ def _messages(autograded: Path) -> dict[str, str]:
     return out
 
 
-def grade_submission(submission, notebooks_dir: Path = NOTEBOOKS_DIR, workdir=None,
-                     trusted: bool = True, sandboxed: bool = True) -> NotebookScore:
-    """Autogrades one submitted notebook against the source notebook of the same name.
+@dataclass
+class GradedNotebook:
+    """What grading one notebook produces: the scores, the autograded notebook (the
+    bytes of its ``.ipynb`` file), the feedback page (HTML, empty unless asked for) and
+    the values nbgrader saved in the gradebook (:func:`_gradebook_values`)."""
+    score: NotebookScore
+    autograded: bytes = b""
+    feedback_html: str = ""
+    gradebook: dict = field(default_factory=dict)
 
-    The submission is copied into a fresh temporary course directory; nothing is
-    written next to it. Returns the trusted automatic score of every autograded test
-    cell; a manual score or extra credit found in the fresh gradebook (which only a
-    process other than the grader could have written) raises :class:`GradebookTampered`.
-    ``sandboxed=False`` grades without the OS sandbox (own, trusted work only; without
-    it a machine with no sandbox refuses). ``trusted=False`` turns off the trust
-    boundary (stock nbgrader scoring); it exists to demonstrate what the boundary
-    prevents, never for real grading."""
+
+def _gradebook_values(gb, notebook: str, assignment: str, student: str) -> dict:
+    """The values that nbgrader's autograde wrote for one submitted notebook: the
+    submission's ``timestamp`` (ISO text or None), ``late_submission_penalty``,
+    ``grades`` {cell name: {"auto_score", "needs_manual_grade"}} and ``comments``
+    {cell name: auto_comment}."""
+    nb = gb.find_submission_notebook(notebook, assignment, student)
+    timestamp = nb.assignment.timestamp
+    return {"timestamp": timestamp.isoformat() if timestamp is not None else None,
+            "late_submission_penalty": nb.late_submission_penalty,
+            "grades": {g.name: {"auto_score": g.auto_score, "needs_manual_grade": bool(g.needs_manual_grade)}
+                       for g in nb.grades},
+            "comments": {c.name: c.auto_comment for c in nb.comments}}
+
+
+def grade_notebook(submission, source, workdir=None, trusted: bool = True, sandboxed: bool = True,
+                   feedback: bool = False, execute_timeout_s: float | None = None,
+                   timestamp: str | None = None) -> GradedNotebook:
+    """Autogrades the notebook ``submission`` against the source notebook ``source``
+    (``ASSIGNMENT/NAME.ipynb``; the submission is graded as ``NAME.ipynb``), as
+    :func:`grade_submission` describes, and keeps what the temporary course held: the
+    autograded notebook, the feedback page (``feedback=True``) and the gradebook's
+    values. ``timestamp`` is the submission's ``timestamp.txt`` (nbgrader's late
+    penalties), ``execute_timeout_s`` the limit of one cell in the student's kernel
+    (default: the course's)."""
     from nbgrader.api import Gradebook
 
-    submission = Path(submission)
+    submission, source = Path(submission), Path(source)
     if not submission.is_file():
         raise FileNotFoundError(f"no submission at {str(submission)!r}")
-    source = find_source(submission, notebooks_dir)
     assignment = source.parent.name
     start = time.perf_counter()
     with (_sandbox_choice(sandboxed), tempfile.TemporaryDirectory(prefix="cs-course-", dir=workdir) as tmp,
@@ -161,13 +192,16 @@ def grade_submission(submission, notebooks_dir: Path = NOTEBOOKS_DIR, workdir=No
         root = Path(tmp)
         shutil.copytree(source.parent, root / "source" / assignment,
                         ignore=shutil.ignore_patterns(".ipynb_checkpoints", "__pycache__"))
-        api = _api(root, "source", trusted=trusted)
+        api = _api(root, "source", trusted=trusted, execute_timeout_s=execute_timeout_s)
         _check(api.generate_assignment(assignment, force=True, create=True), "generate_assignment")
         target = root / "submitted" / STUDENT_ID / assignment
         target.mkdir(parents=True)
         shutil.copy(submission, target / source.name)
+        if timestamp is not None:
+            (target / "timestamp.txt").write_text(timestamp)
         _check(api.autograde(assignment, STUDENT_ID, force=True, create=True), "autograde")
-        messages = _messages(root / "autograded" / STUDENT_ID / assignment / source.name)
+        autograded = root / "autograded" / STUDENT_ID / assignment / source.name
+        messages = _messages(autograded)
         with Gradebook(f"sqlite:///{root / 'gradebook.db'}") as gb:
             nb = gb.find_submission_notebook(source.stem, assignment, STUDENT_ID)
             cells = []
@@ -181,10 +215,35 @@ def grade_submission(submission, notebooks_dir: Path = NOTEBOOKS_DIR, workdir=No
                     continue  # written answers are graded by hand
                 cells.append({"grade_id": grade.name, "score": float(grade.auto_score or 0.0),
                               "max_score": float(grade.max_score), "message": messages.get(grade.name, "")})
-            result = NotebookScore(source.name, assignment, sum(c["score"] for c in cells),
-                                   sum(c["max_score"] for c in cells), cells)
-    result.seconds = time.perf_counter() - start
+            result = GradedNotebook(NotebookScore(source.name, assignment, sum(c["score"] for c in cells),
+                                                  sum(c["max_score"] for c in cells), cells),
+                                    gradebook=_gradebook_values(gb, source.stem, assignment, STUDENT_ID))
+        result.autograded = autograded.read_bytes() if autograded.is_file() else b""
+        if feedback:
+            _check(api.generate_feedback(assignment, STUDENT_ID, force=True), "generate_feedback")
+            page = root / "feedback" / STUDENT_ID / assignment / source.with_suffix(".html").name
+            result.feedback_html = page.read_text(encoding="utf-8")
+    result.score.seconds = time.perf_counter() - start
     return result
+
+
+def grade_submission(submission, notebooks_dir: Path = NOTEBOOKS_DIR, workdir=None,
+                     trusted: bool = True, sandboxed: bool = True) -> NotebookScore:
+    """Autogrades one submitted notebook against the source notebook of the same name.
+
+    The submission is copied into a fresh temporary course directory; nothing is
+    written next to it. Returns the trusted automatic score of every autograded test
+    cell; a manual score or extra credit found in the fresh gradebook (which only a
+    process other than the grader could have written) raises :class:`GradebookTampered`.
+    ``sandboxed=False`` grades without the OS sandbox (own, trusted work only; without
+    it a machine with no sandbox refuses). ``trusted=False`` turns off the trust
+    boundary (stock nbgrader scoring); it exists to demonstrate what the boundary
+    prevents, never for real grading."""
+    submission = Path(submission)
+    if not submission.is_file():
+        raise FileNotFoundError(f"no submission at {str(submission)!r}")
+    return grade_notebook(submission, find_source(submission, notebooks_dir), workdir=workdir,
+                          trusted=trusted, sandboxed=sandboxed).score
 
 
 def release(out_dir, notebooks_dir: Path = NOTEBOOKS_DIR) -> Path:
@@ -208,10 +267,41 @@ def release(out_dir, notebooks_dir: Path = NOTEBOOKS_DIR) -> Path:
     data = REPO_ROOT / "data"
     if data.is_dir():
         shutil.copytree(data, out_dir / "data", ignore=shutil.ignore_patterns("downloads"))
-    for name in ("pyproject.toml", "environment.yml", "README.md", "LICENSE"):
+    for name in ("pyproject.toml", "LICENSE"):
         if (REPO_ROOT / name).is_file():
             shutil.copy(REPO_ROOT / name, out_dir / name)
+    # The students' own README (the instructor's describes make, tests and grading), and
+    # the conda environment without the development tools, installing the folder itself.
+    shutil.copy(STUDENT_README, out_dir / "README.md")
+    # The student's JupyterLab settings (nbgrader's student-side tools only, no news
+    # prompt): `jupyter lab --config=jupyter/jupyter_server_config.py` in the release.
+    shutil.copytree(REPO_ROOT / "jupyter" / "student", out_dir / "jupyter",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    environment = REPO_ROOT / "environment.yml"
+    if environment.is_file():
+        (out_dir / "environment.yml").write_text(_student_environment(environment.read_text()))
     return out_dir
+
+
+#: The README of the student release (install, JupyterLab, checks, what to submit).
+STUDENT_README = REPO_ROOT / "docs" / "student-readme.md"
+
+
+def _student_environment(text: str) -> str:
+    """``environment.yml`` for the release: the dependencies without the development
+    extra, and a regular install of the release folder (``.``) instead of ``-e .``."""
+    lines = []
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#") and "development" in stripped:
+            break  # the [dev] extra follows, up to the editable install
+        if stripped == "- -e .":
+            break
+        lines.append(line)
+    indent = next((line[: len(line) - len(line.lstrip())] for line in reversed(lines)
+                   if line.strip().startswith("- ")), "      ")
+    lines.append(f"{indent}- .")
+    return "\n".join(lines) + "\n"
 
 
 @dataclass
@@ -226,8 +316,9 @@ def walkthrough(out_dir=REPO_ROOT / "build" / "walkthrough", notebooks=None,
     """Executes every source notebook (with solutions) on the embedded default and
     writes the executed notebook and its HTML to ``out_dir``."""
     import nbformat
-    from nbclient import NotebookClient
     from nbconvert import HTMLExporter
+
+    from .execution import CourseNotebookClient
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -239,8 +330,8 @@ def walkthrough(out_dir=REPO_ROOT / "build" / "walkthrough", notebooks=None,
             start = time.perf_counter()
             status = "ok"
             try:
-                NotebookClient(nb, timeout=timeout_s, kernel_name="python3",
-                               resources={"metadata": {"path": str(path.parent)}}).execute()
+                CourseNotebookClient(nb, timeout=timeout_s, kernel_name="python3",
+                                     resources={"metadata": {"path": str(path.parent)}}).execute()
             except Exception as exc:  # record and go on with the next notebook
                 status = f"failed: {type(exc).__name__}"
             seconds = time.perf_counter() - start

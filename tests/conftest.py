@@ -61,3 +61,12 @@ def toynet():
     from cs_helpers.models import load_model
 
     return load_model("toynet", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def student_release(tmp_path_factory):
+    """The student release of the course (``cs_helpers.course.release``), built once per
+    test process; tests that change it work on a copy."""
+    from cs_helpers.course import release
+
+    return release(tmp_path_factory.mktemp("release") / "course")

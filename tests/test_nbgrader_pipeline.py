@@ -9,7 +9,8 @@ import nbformat
 import pytest
 
 from cs_helpers.cli import main
-from cs_helpers.course import grade_submission, release, source_notebooks
+from cs_helpers.course import grade_submission, source_notebooks
+from helpers import graded_cells_only
 
 pytestmark = pytest.mark.slow
 
@@ -24,17 +25,6 @@ def normalize_filters(weights):
 '''
 
 
-def _graded_cells_only(path: Path, out: Path) -> Path:
-    """The submission with only its nbgrader cells (setup, solutions, tests, answers):
-    what is scored is unchanged, the demonstration cells are not run again. Used where
-    the point is scoring; the source notebooks themselves are executed in full."""
-    nb = nbformat.read(path, as_version=4)
-    nb.cells = [c for c in nb.cells if c.get("metadata", {}).get("nbgrader")]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    nbformat.write(nb, out)
-    return out
-
-
 def _scores(result):
     return {c["grade_id"]: (c["score"], c["max_score"]) for c in result.cells}
 
@@ -47,11 +37,6 @@ def _with_solution(path: Path, out: Path, grade_id: str, source: str) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, out)
     return out
-
-
-@pytest.fixture(scope="module")
-def student_release(tmp_path_factory):
-    return release(tmp_path_factory.mktemp("release") / "course")
 
 
 @pytest.mark.parametrize("topic", sorted(NOTEBOOKS))
@@ -70,7 +55,7 @@ def test_student_release_earns_nothing(topic, student_release, tmp_path):
     notebook = student_release / "notebooks" / NOTEBOOKS[topic].parent.name / NOTEBOOKS[topic].name
     text = notebook.read_text()
     assert "BEGIN HIDDEN TESTS" not in text and "BEGIN SOLUTION" not in text
-    result = grade_submission(_graded_cells_only(notebook, tmp_path / notebook.name))
+    result = grade_submission(graded_cells_only(notebook, tmp_path / notebook.name))
     assert result.cells and all(score == 0 for score, _ in _scores(result).values()), result.as_dict()
 
 
@@ -100,7 +85,7 @@ WRONG_FUNCTIONS = [("filters", "normalize_filters", GLOBAL_NORMALIZATION),
 def test_one_wrong_function_loses_its_points_and_no_others(topic, grade_id, source, tmp_path):
     if topic not in NOTEBOOKS:
         pytest.skip(f"needs the {topic} notebook")
-    path = _graded_cells_only(NOTEBOOKS[topic], tmp_path / NOTEBOOKS[topic].name)
+    path = graded_cells_only(NOTEBOOKS[topic], tmp_path / NOTEBOOKS[topic].name)
     path = _with_solution(path, path, grade_id, source)
     scores = _scores(grade_submission(path))
     for cell_id, (score, maximum) in scores.items():
