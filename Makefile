@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 TORCH_PAIR ?= torch==2.14.1 torchvision==0.29.1
 TORCHATTACKS ?= torchattacks==3.5.1
 
-.PHONY: setup system test test-fast walkthrough release benchmark clean
+.PHONY: setup system test test-fast walkthrough release bench benchmark lab clean
 
 setup: $(STAMP) system
 
@@ -23,6 +23,14 @@ system:
 			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES); \
 		else \
 			echo "Install bubblewrap (Debian/Ubuntu: sudo apt-get install bubblewrap): grading runs student code only inside it."; \
+		fi; \
+	fi
+	@# Chromium and its driver: the browser tests (tests/browser) drive JupyterLab headless.
+	@if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+		else \
+			echo "Install chromium and chromium-driver (Debian: sudo apt-get install chromium chromium-driver) for the browser tests."; \
 		fi; \
 	fi
 
@@ -53,8 +61,24 @@ release: $(STAMP)
 	rm -rf build/release
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/cs-helpers release --out build/release
 
-benchmark: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" MPLBACKEND=Agg $(BIN)/python benchmarks/run.py
+# Every reference against its peer and its minimum, and grade/execute per notebook
+# (minutes; BENCH_ARGS=--skip-notebooks leaves that out, --quick, --device cuda): build/bench.md.
+BENCH_ARGS ?=
+bench: $(STAMP) system
+	PATH="$(CURDIR)/$(BIN):$$PATH" MPLBACKEND=Agg OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} \
+		$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
+
+benchmark: bench
+
+# JupyterLab on the course: the notebooks with the package installed in .venv, every
+# nbgrader tool (the formgrader reads nbgrader_config.py here) and the course's settings
+# (jupyter/instructor/: no news prompt). It prints the URL to open; LAB_ARGS=--no-browser
+# where no browser should start. Students start theirs from the release (its README).
+LAB_ARGS ?=
+lab: $(STAMP)
+	env -u MPLBACKEND PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/jupyter lab \
+		--config="$(CURDIR)/jupyter/instructor/jupyter_server_config.py" --ServerApp.root_dir="$(CURDIR)" \
+		$$([ "$$(id -u)" = 0 ] && echo --allow-root) $(LAB_ARGS)
 
 clean:
 	rm -rf build .pytest_cache

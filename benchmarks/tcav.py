@@ -63,24 +63,42 @@ def bench_tcav_test(model, repeat):
               f"{result['score']:.2f}  {result['p_value']:.2g}")
 
 
-def bench_captum(model, repeat):
+def captum_tcav(model, layer, cav, concept, random, folder, model_id="model"):
+    """A function ``run(images, target) -> float``: the sign-count TCAV score of Captum's
+    ``TCAV`` for one fixed CAV (a Captum ``Classifier`` that returns it) with the
+    concept and random images as its experimental set, saving into ``folder`` (which
+    Captum reuses as a cache of activations and CAVs)."""
     from captum.concept import TCAV, Concept
     from captum.concept._utils.classifier import Classifier
 
-    from cs_helpers.reference import tcav as ref
-
     class FixedCav(Classifier):
-        def __init__(self, cav):
-            self.cav = cav
+        def __init__(self):
+            pass
 
         def train_and_eval(self, dataloader, **kwargs):
             return {"accs": torch.tensor(1.0)}
 
         def weights(self):
-            return torch.stack([self.cav, -self.cav])
+            return torch.stack([cav, -cav])
 
         def classes(self):
             return [0, 1]
+
+    tcav = TCAV(model, [layer], model_id=model_id, classifier=FixedCav(), save_path=folder)
+    experiment = [Concept(0, "concept", torch.utils.data.DataLoader(concept, batch_size=len(concept))),
+                  Concept(1, "random", torch.utils.data.DataLoader(random, batch_size=len(random)))]
+
+    def run(images, target):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            scores = tcav.interpret(images, experimental_sets=[experiment], target=target)
+        return float(scores["0-1"][layer]["sign_count"][0])
+
+    return run
+
+
+def bench_captum(model, repeat):
+    from cs_helpers.reference import tcav as ref
 
     zebras, stripes, randoms, zebra = data(sets=1)
     print("\nTCAV score of one fixed CAV on 40 zebra scenes: ours vs Captum's TCAV (sign_count)")
@@ -93,13 +111,7 @@ def bench_captum(model, repeat):
 
         def captum_run():
             with tempfile.TemporaryDirectory() as folder:
-                tcav = TCAV(model, [layer], model_id="toynet", classifier=FixedCav(cav), save_path=folder)
-                experiment = [Concept(0, "stripes", torch.utils.data.DataLoader(stripes, batch_size=40)),
-                              Concept(1, "random", torch.utils.data.DataLoader(randoms[0], batch_size=40))]
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    scores = tcav.interpret(zebras, experimental_sets=[experiment], target=zebra)
-                box["value"] = float(scores["0-1"][layer]["sign_count"][0])
+                box["value"] = captum_tcav(model, layer, cav, stripes, randoms[0], folder)(zebras, zebra)
 
         theirs = timed(captum_run, repeat)
         print(f"{layer:8s} {ours_value:6.3f} {box['value']:7.3f} {ours:9.4f} {theirs:11.4f} {ours / theirs:6.2f}"

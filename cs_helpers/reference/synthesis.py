@@ -110,9 +110,12 @@ def _normalized_step(x: torch.Tensor, grad: torch.Tensor, lr: float, reduce: str
         out = x + lr * grad
     else:
         size = _per_image(grad, reduce)
-        out = x + lr * torch.where(size > 0, grad / size.clamp(min=torch.finfo(grad.dtype).tiny),
-                                   torch.zeros_like(grad))
-    return out.clamp(0.0, 1.0) if clamp else out
+        step = grad / size.clamp(min=torch.finfo(grad.dtype).tiny)
+        positive = size > 0
+        if not bool(positive.all()):
+            step = torch.where(positive, step, torch.zeros_like(step))
+        out = step.mul_(lr).add_(x)     # x + lr * step, the same numbers, in the one new tensor
+    return out.clamp_(0.0, 1.0) if clamp else out
 
 
 # ------------------------------------------------------------- class visualization
@@ -294,7 +297,9 @@ def _tv_variant(x, beta=2.0, *, form: str = "iso", ranges: str = "cropped", redu
         dx = torch.nn.functional.pad(x[..., :, 1:] - x[..., :, :-1], (0, 1))
         dy = torch.nn.functional.pad(x[..., 1:, :] - x[..., :-1, :], (0, 0, 0, 1))
     if form == "iso":
-        terms = (dx ** 2 + dy ** 2) ** (beta / 2)
+        terms = dx ** 2 + dy ** 2
+        if beta != 2.0:  # t ** 1.0 is t, and its gradient exactly the incoming one: skip the pass
+            terms = terms ** (beta / 2)
     elif form == "aniso":
         terms = dx.abs() ** beta + dy.abs() ** beta
     elif form == "abs":

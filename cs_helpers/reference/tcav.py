@@ -74,13 +74,21 @@ def _one_blas_thread():
     lbfgs step is a handful of matrix-vector products, where a second OpenBLAS thread
     only adds synchronization; on a busy 2-core machine it made a fit 15 times slower
     (3.1 s instead of 0.19 s for 40 x 32768 activations). The result is the same."""
+    global _BLAS_CONTROLLER
     try:
-        from threadpoolctl import threadpool_limits
+        from threadpoolctl import ThreadpoolController
     except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
         import contextlib
 
         return contextlib.nullcontext()
-    return threadpool_limits(limits=1, user_api="blas")
+    # Finding the loaded BLAS libraries takes about 20 ms (a scan of the process's
+    # libraries): once, after scikit-learn (and so SciPy's BLAS) is imported.
+    if _BLAS_CONTROLLER is None:
+        _BLAS_CONTROLLER = ThreadpoolController()
+    return _BLAS_CONTROLLER.limit(limits=1, user_api="blas")
+
+
+_BLAS_CONTROLLER = None
 
 
 def train_cav(concept_acts, random_acts, seed: int = 0) -> torch.Tensor:
