@@ -25,6 +25,14 @@ system:
 			echo "Install bubblewrap (Debian/Ubuntu: sudo apt-get install bubblewrap): grading runs student code only inside it."; \
 		fi; \
 	fi
+	@# PostgreSQL: the autograde tests grade into a throwaway server of their own.
+	@if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; \
+		else \
+			echo "Install postgresql (Debian/Ubuntu: sudo apt-get install postgresql) for the PostgreSQL gradebook test."; \
+		fi; \
+	fi
 	@# Chromium and its driver: the browser tests (tests/browser) drive JupyterLab headless.
 	@if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \

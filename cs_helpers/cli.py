@@ -3,6 +3,7 @@
     cs-helpers walkthrough [--out DIR] [NOTEBOOK ...]
     cs-helpers release --out DIR
     cs-helpers grade SUBMISSION.ipynb ... [--json] [--no-sandbox]
+    cs-helpers autograde ASSIGNMENT [--workers N | --scheduler ADDRESS] [--db URL] [--force] [--csv PATH]
 """
 from __future__ import annotations
 
@@ -64,6 +65,23 @@ def _grade(args) -> int:
     return 1 if failed else 0
 
 
+def _autograde(args) -> int:
+    from .classgrade import AutogradeError, autograde, summary
+
+    try:
+        report = autograde(args.assignment, args.course, workers=args.workers, scheduler=args.scheduler,
+                           db=args.db, force=args.force, csv_path=args.csv, sandboxed=not args.no_sandbox,
+                           execute_timeout_s=args.timeout, source_dir=args.source,
+                           progress=not args.no_progress, course_id=args.course_id)
+    except AutogradeError as exc:
+        print(f"cs-helpers autograde: {exc}", file=sys.stderr)
+        return 2
+    print(summary(report))
+    if args.csv:
+        print(f"One row per student in {args.csv}")
+    return 1 if report.failed else 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="cs-helpers", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -80,6 +98,28 @@ def main(argv=None) -> int:
     grade.add_argument("--no-sandbox", action="store_true",
                        help="grade without the OS sandbox: only for your own, trusted work")
     grade.set_defaults(run=_grade)
+    auto = sub.add_parser("autograde", help="grade every submission of an assignment in parallel (Dask)",
+                          description="Grades submitted/<student>/ASSIGNMENT/ of the course root in parallel "
+                          "on Dask, into nbgrader's gradebook, autograded/ and feedback/. Only new or changed "
+                          "submissions are graded unless --force.")
+    auto.add_argument("assignment", help="the assignment's folder name, e.g. 01_filters")
+    auto.add_argument("--course", type=Path, default=Path("."), help="the course root (default: here)")
+    where = auto.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=int, default=None,
+                       help="local single-threaded worker processes (default: the machine's cores)")
+    where.add_argument("--scheduler", metavar="ADDRESS", help="an existing Dask scheduler, e.g. tcp://host:8786")
+    auto.add_argument("--db", metavar="URL", help="the gradebook's SQLAlchemy URL (default: sqlite:///gradebook.db "
+                      "in the course root; postgresql://user@host/dbname works the same)")
+    auto.add_argument("--force", action="store_true", help="grade unchanged submissions again")
+    auto.add_argument("--csv", type=Path, metavar="PATH", help="write one row per student")
+    auto.add_argument("--timeout", type=float, metavar="SECONDS",
+                      help="time limit of one cell in the student's kernel (default: the course's)")
+    auto.add_argument("--source", type=Path, metavar="DIR", help="the source notebooks (default: the kit's)")
+    auto.add_argument("--course-id", default="course", help="nbgrader's course id in the gradebook")
+    auto.add_argument("--no-progress", action="store_true", help="no progress bar")
+    auto.add_argument("--no-sandbox", action="store_true",
+                      help="grade without the OS sandbox: only for your own, trusted work")
+    auto.set_defaults(run=_autograde)
     args = parser.parse_args(argv)
     return args.run(args)
 
