@@ -129,12 +129,8 @@ def test_a_runaway_cell_costs_only_its_own_function():
     assert stuck.score == 0 and any("time limit" in e for e in stuck.errors)
 
 
-def test_memory_exhaustion_and_self_kill_score_zero_without_crashing_the_grader():
-    check = get_check("normalize_filters")
-    hog = "def normalize_filters(weights):\n    return [bytearray(10**9) for _ in range(64)]\n"
-    kill = "import os, signal\ndef normalize_filters(weights):\n    os.kill(os.getpid(), signal.SIGKILL)\n"
-    for attack in (hog, kill):
-        assert trusted_score(check, [SETUP, attack], 1).score == 0
+# Memory exhaustion and a child that kills itself: tests/test_attacks.py (greedy, oscar),
+# through the real pipeline.
 
 
 # -- every registered check, whatever the topic ---------------------------------------
