@@ -8,12 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cs_helpers.grading import get_check, hidden_seed
-from cs_helpers.grading.core import call_case, unique_cases
+from cs_helpers.grading import get_check
 from cs_helpers.reference import adversarial as ref
 from cs_helpers.reference.adversarial import fgsm, fooling_rate, make_fooling_image, pgd, universal_perturbation
 
-from helpers import rand, tiny
+from helpers import assert_costs_only, grade_in_process, rand, tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -243,41 +242,15 @@ def test_reduced_robust_training_reproduces_its_committed_accuracies(robust_metr
 
 # ------------------------------------------------------------------ the checks
 
-_EXPECTED: dict = {}
-
-
-def score(name, func):
-    """In-process score with the hidden seed; the reference's outcomes are computed once
-    per check, and every function gets freshly built models (a function that switches a
-    batch-norm network to training mode changes its running statistics)."""
-    check = get_check(name)
-    if name not in _EXPECTED:
-        props = check.properties(hidden_seed(name))
-        cases = unique_cases(props)
-        expected = {id(c): call_case(check.reference(), c, "cpu", {}) for c in cases}
-        _EXPECTED[name] = (props, cases, expected)
-    props, cases, expected = _EXPECTED[name]
-    cache: dict = {}
-    got = {}
-    for case in cases:
-        got[id(case)] = call_case(func, case, "cpu", cache)
-    return check.evaluate(props, expected, got)
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_every_check_gives_the_reference_full_points_and_nothing_to_none(name):
     check = get_check(name)
-    assert score(name, getattr(ref, name)).score == check.points
-    assert score(name, lambda *args, **kwargs: None).score == 0
+    assert grade_in_process(name, getattr(ref, name)).score == check.points
+    assert grade_in_process(name, lambda *args, **kwargs: None).score == 0
 
 
 def _loses(name, func, *fragments):
-    report = score(name, func)
-    assert report.score < get_check(name).points, (name, report.message)
-    for fragment in fragments:
-        assert any(fragment in failed for failed in report.failed), (fragment, report.failed)
-    assert "tensor(" not in report.message
-    return report
+    return assert_costs_only(grade_in_process(name, func), fragments, earns_some=False, nothing_else=False)
 
 
 def _loss_grad(model, x, y):
@@ -341,7 +314,7 @@ def test_pgd_mistakes_lose_points():
     from functools import partial
 
     reference_like = partial(_pgd)
-    assert score("pgd", reference_like).score == get_check("pgd").points   # the knobs' default is right
+    assert grade_in_process("pgd", reference_like).score == get_check("pgd").points   # the knobs' default is right
     _loses("pgd", partial(_pgd, direction=-1.0), "untargeted")              # descends when untargeted
     _loses("pgd", partial(_pgd, direction=1.0), "targeted: descends")       # ascends when targeted
     _loses("pgd", partial(_pgd, project="never"), "within eps of the clean image")
@@ -365,10 +338,10 @@ def test_pgd_side_effects_are_advice_only():
             p.requires_grad_(True)
         return _pgd(model, *args, **kwargs)
 
-    report = score("pgd", leaves_train_mode)
+    report = grade_in_process("pgd", leaves_train_mode)
     assert report.score == get_check("pgd").points and report.advice
-    assert score("pgd", trainable_parameters).score == get_check("pgd").points
-    assert score("pgd", partial(_pgd)).advice == []
+    assert grade_in_process("pgd", trainable_parameters).score == get_check("pgd").points
+    assert grade_in_process("pgd", partial(_pgd)).advice == []
 
 
 def _fooling(image, target, model, lr=1.0, max_iter=100, *, check_first=True, keep_going=False, train=False):
@@ -392,7 +365,7 @@ def _fooling(image, target, model, lr=1.0, max_iter=100, *, check_first=True, ke
 def test_make_fooling_image_mistakes_lose_points():
     from functools import partial
 
-    assert score("make_fooling_image", _fooling).score == get_check("make_fooling_image").points
+    assert grade_in_process("make_fooling_image", _fooling).score == get_check("make_fooling_image").points
     _loses("make_fooling_image", partial(_fooling, keep_going=True), "stops as soon as")
     _loses("make_fooling_image", partial(_fooling, check_first=False), "stops as soon as")
     _loses("make_fooling_image", partial(_fooling, train=True), "keep the model in eval mode")
@@ -448,6 +421,6 @@ def test_fooling_rate_mistakes_lose_points():
     def tensor(model, images, adv_images):
         return (model(images).argmax(1) != model(adv_images).argmax(1)).double().mean()
 
-    assert score("fooling_rate", count).score == 0
-    assert score("fooling_rate", unchanged).score == 0
-    assert 0 < score("fooling_rate", tensor).score < get_check("fooling_rate").points
+    assert grade_in_process("fooling_rate", count).score == 0
+    assert grade_in_process("fooling_rate", unchanged).score == 0
+    assert 0 < grade_in_process("fooling_rate", tensor).score < get_check("fooling_rate").points

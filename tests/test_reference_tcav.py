@@ -9,33 +9,16 @@ import pytest
 import torch
 from scipy import stats
 
-from cs_helpers.grading import get_check, hidden_seed
-from cs_helpers.grading.core import call_case, unique_cases
-from cs_helpers.grading.sandbox import reference_outcomes
+from cs_helpers.grading import get_check
 from cs_helpers.reference import tcav as ref
 from cs_helpers.reference.tcav import directional_derivatives, tcav_score, tcav_test, train_cav
 from cs_helpers.toyworld import CLASS_NAMES, concept_images, toyworld
+from helpers import grade_in_process, rand
 
 NAMES = ("train_cav", "directional_derivatives", "tcav_score", "tcav_test")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def toynet():
-    from cs_helpers.models import load_model
-
-    return load_model("toynet", device="cpu")
-
-
-def rand(*shape, seed=0):
-    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def scenes(class_name, n, seed):
@@ -273,22 +256,8 @@ def test_ground_truth_on_fresh_toyworld_scenes(toynet):
 
 @pytest.fixture(scope="module")
 def graded():
-    """Scores functions in this process like ``grading.score``, with the reference's
-    outcomes computed once per check."""
-    cache = {}
-
-    def grade(name, func):
-        check = get_check(name)
-        if name not in cache:
-            props = check.properties(hidden_seed(name))
-            cases = unique_cases(props)
-            cache[name] = props, cases, reference_outcomes(check, cases, "cpu")
-        props, cases, expected = cache[name]
-        models = {}
-        got = {id(case): call_case(func, case, torch.device("cpu"), models) for case in cases}
-        return check.evaluate(props, expected, got)
-
-    return grade
+    """Scores functions in this process like ``grading.score`` (tests/helpers.py)."""
+    return grade_in_process
 
 
 @pytest.mark.parametrize("name", NAMES)
