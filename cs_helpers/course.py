@@ -67,6 +67,7 @@ def _api(root: Path, source_directory: str, trusted: bool = True, db_url: str | 
     config.Exchange.root = str(root / "exchange")
     config.CourseDirectory.course_id = course_id
     config.TrustedScores.enabled = trusted
+    config.StartTrustedScores.enabled = trusted
     if db_url is not None:
         config.CourseDirectory.db_url = db_url
     if execute_timeout_s is not None:
