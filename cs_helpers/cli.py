@@ -1,6 +1,6 @@
 """``cs-helpers``: the course's commands.
 
-    cs-helpers walkthrough [--out DIR] [NOTEBOOK ...]
+    cs-helpers walkthrough [--out DIR] [NOTEBOOK | NUMBER | TOPIC ...]
     cs-helpers release --out DIR
     cs-helpers grade SUBMISSION.ipynb ... [--json] [--no-sandbox]
 """
@@ -15,7 +15,11 @@ from pathlib import Path
 def _walkthrough(args) -> int:
     from .course import walkthrough
 
-    rows = walkthrough(args.out, args.notebooks or None)
+    try:
+        rows = walkthrough(args.out, args.notebooks or None)
+    except ValueError as exc:
+        print(f"cs-helpers walkthrough: {exc}", file=sys.stderr)
+        return 2
     width = max([len(r.notebook) for r in rows] + [8])
     print(f"{'notebook':<{width}}  {'seconds':>8}  status")
     for r in rows:
@@ -69,7 +73,8 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     walk = sub.add_parser("walkthrough", help="execute the source notebooks into build/walkthrough")
     walk.add_argument("--out", type=Path, default=Path("build") / "walkthrough")
-    walk.add_argument("notebooks", nargs="*", type=Path)
+    walk.add_argument("notebooks", nargs="*",
+                      help="notebook files, numbers (03) or topics (saliency); default: all of them")
     walk.set_defaults(run=_walkthrough)
     rel = sub.add_parser("release", help="write the student version")
     rel.add_argument("--out", type=Path, default=Path("build") / "release")

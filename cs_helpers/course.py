@@ -305,6 +305,21 @@ def _student_environment(text: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _notebook_path(name) -> Path:
+    """A notebook given as a path, a topic (``saliency``), a number (``03``) or both
+    (``03_saliency``)."""
+    path = Path(name)
+    if path.suffix == ".ipynb" and path.is_file():
+        return path
+    for source in source_notebooks():
+        number, _, topic = source.parent.name.partition("_")
+        if str(name) in (number, topic, source.parent.name, source.name):
+            return source
+    known = ", ".join(p.parent.name for p in source_notebooks())
+    raise ValueError(f"no notebook {str(name)!r}: give a notebook file, or one of {known} "
+                     "(the number or the topic alone will do)")
+
+
 @dataclass
 class WalkthroughRow:
     notebook: str
@@ -324,7 +339,7 @@ def walkthrough(out_dir=REPO_ROOT / "build" / "walkthrough", notebooks=None,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
-    paths = [Path(p) for p in notebooks] if notebooks else source_notebooks()
+    paths = [_notebook_path(p) for p in notebooks] if notebooks else source_notebooks()
     with _venv_on_path():
         for path in paths:
             nb = nbformat.read(path, as_version=4)

@@ -148,3 +148,15 @@ def test_walkthrough_writes_executed_notebooks_with_pictures(tmp_path, monkeypat
     assert [(r.notebook, r.status) for r in rows] == [("filters.ipynb", "ok")]
     html = (tmp_path / "filters.html").read_text()
     assert html.count("data:image/png") >= 5
+
+
+def test_walkthrough_takes_numbers_and_topics_and_names_the_choices(tmp_path, capsys):
+    from cs_helpers.cli import main
+    from cs_helpers.course import _notebook_path
+
+    assert _notebook_path("03") == _notebook_path("saliency") == _notebook_path("03_saliency") == NOTEBOOKS["saliency"]
+    assert _notebook_path(NOTEBOOKS["filters"]) == NOTEBOOKS["filters"]
+    assert main(["walkthrough", "--out", str(tmp_path), "99"]) == 2
+    error = capsys.readouterr().err
+    assert "no notebook '99'" in error and "01_filters" in error and "07_tcav" in error
+    assert not any(tmp_path.iterdir())
