@@ -104,7 +104,8 @@ def test_class_activation_map_is_the_weighted_sum_and_its_mean_is_the_score_minu
         for c in range(5):
             cam = class_activation_map(record.output[i], toynet.classifier.weight, c)
             manual = sum(toynet.classifier.weight[c, k] * record.output[i, k] for k in range(64))
-            torch.testing.assert_close(cam, manual, rtol=1e-5, atol=1e-5)
+            # a float32 sum of 64 terms: its rounding depends on the order, and values reach ~10
+            torch.testing.assert_close(cam, manual, rtol=1e-5, atol=1e-4)
             assert math.isclose(float(cam.mean()) + float(toynet.classifier.bias[c]), float(logits[i, c]),
                                 rel_tol=1e-4, abs_tol=1e-4)
 

@@ -372,12 +372,14 @@ def test_toynet_classifies_toyworld_and_its_saliency_sits_on_the_object(toynet, 
 def test_toynet_shortcut_relies_on_the_background(toynet, toynet_shortcut):
     """Measured on the 200 circle and square scenes of toyworld(500, seed=11,
     background_bias=1) with the committed weights: accuracy matched / swapped 1.0 / 0.0
-    for toynet_shortcut and 0.995 / 0.99 for toynet; the object (15.0% of the pixels)
-    holds 46.0% vs 42.4% of the gradient saliency mass and 38.0% vs 30.9% of the
+    for toynet_shortcut and 1.0 / 0.975 for toynet; the object (15.0% of the pixels)
+    holds 38.5% vs 42.6% of the gradient saliency mass and 34.9% vs 30.4% of the
     guided-backprop mass (toynet vs toynet_shortcut); with the object on a mid-gray
-    background the probability of the true class is 0.60 for toynet and 0.01 for
+    background the probability of the true class is 0.77 for toynet and 0.02 for
     toynet_shortcut; the mean Shapley values of object / background (4 permutations)
-    are 0.26 / 0.27 for toynet and 0.04 / 0.84 for toynet_shortcut."""
+    are 0.36 / 0.22 for toynet and 0.04 / 0.82 for toynet_shortcut. (The toynet of an
+    earlier, shorter recipe had 46.0% vs 42.4% gradient mass: which network has more
+    depends on the training run, not on the shortcut.)"""
     from cs_helpers.toyworld import SHORTCUT_CLASSES, toyworld
 
     matched = toyworld(500, seed=11, background_bias=1.0)
@@ -400,8 +402,11 @@ def test_toynet_shortcut_relies_on_the_background(toynet, toynet_shortcut):
             gradient_saliency(model, images, labels)
         return float(mass_inside(maps, masks).mean())
 
-    # Saliency only hints at the shortcut: less mass on the object, by a few points.
-    assert inside(toynet) > inside(toynet_shortcut) > share
+    # Saliency does not convict the shortcut network: both put far more gradient mass on
+    # the object than its share of the pixels, within a few points of each other; guided
+    # backprop gives the shortcut network a little less.
+    gradient_mass = inside(toynet), inside(toynet_shortcut)
+    assert min(gradient_mass) > 2 * share and abs(gradient_mass[0] - gradient_mass[1]) < 0.1, gradient_mass
     assert inside(toynet, guided=True) > inside(toynet_shortcut, guided=True)
     # The intervention that settles it: the object alone, on a mid-gray background.
     on_gray = torch.where(masks[:, None], images, torch.tensor(0.5))

@@ -441,6 +441,7 @@ def test_the_committed_decoder_loads_and_matches_its_metrics():
 
 
 @pytest.mark.slow
+@pytest.mark.long_running
 def test_retraining_the_decoder_reaches_the_recorded_error():
     """A reduced run (the number of steps recorded in the metrics) from the first seed
     of the spread reaches the error recorded for it, within the spread of
