@@ -194,8 +194,8 @@ CONV_BY_TORCH = """def conv2d_im2col(x, weight, bias=None, stride=1, padding=0):
 
 def test_scores_started_before_execution_are_used_only_for_the_same_sources(monkeypatch):
     """StartTrustedScores scores while the kernel runs; TrustedScores takes those reports
-    only when the notebook's graded sources are still the ones scored, and otherwise
-    scores again (after the first scoring has ended)."""
+    only when the notebook's graded sources and the device are still the ones scored, and
+    otherwise scores again (after the first scoring has ended)."""
     from types import SimpleNamespace
 
     from nbformat.v4 import new_code_cell, new_notebook
@@ -229,3 +229,7 @@ def test_scores_started_before_execution_are_used_only_for_the_same_sources(monk
     assert scored[1:] == [["def f(): pass"], ["def f(): return 1"]]
     assert nb.cells[1].outputs[0]["text"] == "scoring 3\n" and nb.cells[1].outputs[1]["data"]["text/plain"] == "3.0"
     assert "trusted_scores_started" not in resources.get("cs_helpers", {})
+
+    nb, resources = plugin.StartTrustedScores().preprocess(nb, resources)   # on the default device
+    nb, resources = plugin.TrustedScores(device="cpu").preprocess(nb, resources)
+    assert len(scored) == 5 and nb.cells[1].outputs[0]["text"] == "scoring 5\n"

@@ -170,7 +170,8 @@ class TrustedScores(NbGraderPreprocessor):
             return nb, resources
         early = resources.get("cs_helpers", {}).pop(_EARLY_SCORING, None)
         names, kwargs = _scoring_plan(nb, resources)
-        if early is not None and early.names == names and early.kwargs["sources"] == kwargs["sources"]:
+        if early is not None and early.names == names and early.kwargs["sources"] == kwargs["sources"] \
+                and early.kwargs["device"] == (self.device or None):
             reports = early.result()
         else:
             if early is not None:
