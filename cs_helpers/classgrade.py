@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .course import NOTEBOOKS_DIR, _api, _check, _venv_on_path
+from .course import NOTEBOOKS_DIR, _api, _check, _venv_on_path, fresh_gradebook
 
 SUBMITTED = "submitted"
 TIMESTAMP_FILE = "timestamp.txt"
@@ -387,6 +387,20 @@ def _hash_table(metadata):
                  Column("digest", String(64), nullable=False))
 
 
+def _create_sqlite(db_url: str) -> None:
+    """A new SQLite gradebook is created by :func:`cs_helpers.course.fresh_gradebook`
+    (nbgrader's tables and newest migration without nbgrader's 3.5 s ``alembic``
+    subprocess); any other database, or an existing file, is left to nbgrader."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(db_url)
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        return
+    path = Path(url.database)
+    if path.parent.is_dir() and not path.exists():
+        fresh_gradebook(path)
+
+
 class Gradebook:
     """nbgrader's gradebook at ``db_url``, with the assignment's structure written by
     nbgrader's own ``generate_assignment`` (again only when the source changed) and the
@@ -401,6 +415,7 @@ class Gradebook:
         metadata = MetaData()
         self.table, sources = _hash_table(metadata), _source_table(metadata)
         try:
+            _create_sqlite(db_url)
             self.gb = NbGradebook(db_url, course_id=course_id)
             metadata.create_all(self.gb.engine, checkfirst=True)
             prepared = self.gb.db.execute(select(sources.c.digest)

@@ -209,6 +209,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--reduced-only", action="store_true",
                         help="redo only the reduced runs and update their entry in the existing metrics file")
+    parser.add_argument("--standard-only", action="store_true",
+                        help="measure only the standard toynet again (after python -m cs_helpers.train_toynet) "
+                             "and update its entry in the existing metrics file")
     args = parser.parse_args(argv)
     out = args.out if args.out is not None else data_dir()
     out.mkdir(parents=True, exist_ok=True)
@@ -218,6 +221,14 @@ def main(argv=None) -> dict:
         metrics["reduced_run"] = reduced_runs()
         path.write_text(json.dumps(metrics, indent=2) + "\n")
         print(f"reduced runs ({REDUCED_STEPS} steps) by init seed: {metrics['reduced_run']['by_init_seed']}")
+        return metrics
+    if args.standard_only:
+        path = out / f"{NAME}_metrics.json"
+        metrics = json.loads(path.read_text())
+        with _deterministic(NUM_THREADS):
+            metrics["toynet"] = {"accuracy": _rounded(measure_robustness(load_toynet("toynet").eval()))}
+        path.write_text(json.dumps(metrics, indent=2) + "\n")
+        print(f"toynet: {metrics['toynet']['accuracy']} at eps = 8/255")
         return metrics
     script_start, script_cpu_start = time.perf_counter(), time.process_time()
     model, record = train_robust(verbose=not args.quiet)

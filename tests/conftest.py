@@ -24,6 +24,9 @@ os.environ.setdefault("CS_HELPERS_SECRET_FILE", str(_TEST_SECRET))
 
 
 def pytest_collection_modifyitems(config, items):
+    # The longest tests first: started last, one of them would keep a worker busy after
+    # the other has finished.
+    items.sort(key=lambda item: "long_running" not in item.keywords)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

@@ -18,7 +18,7 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 from cs_helpers.grading import isolation
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("attacks"),
+pytestmark = [pytest.mark.slow, pytest.mark.long_running, pytest.mark.xdist_group("attacks"),
               pytest.mark.skipif(isolation.sandbox_problem() is not None, reason="needs the OS sandbox")]
 
 REPO = Path(__file__).resolve().parent.parent

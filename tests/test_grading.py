@@ -129,12 +129,8 @@ def test_a_runaway_cell_costs_only_its_own_function():
     assert stuck.score == 0 and any("time limit" in e for e in stuck.errors)
 
 
-def test_memory_exhaustion_and_self_kill_score_zero_without_crashing_the_grader():
-    check = get_check("normalize_filters")
-    hog = "def normalize_filters(weights):\n    return [bytearray(10**9) for _ in range(64)]\n"
-    kill = "import os, signal\ndef normalize_filters(weights):\n    os.kill(os.getpid(), signal.SIGKILL)\n"
-    for attack in (hog, kill):
-        assert trusted_score(check, [SETUP, attack], 1).score == 0
+# Memory exhaustion and a child that kills itself: tests/test_attacks.py (greedy, oscar),
+# through the real pipeline.
 
 
 # -- every registered check, whatever the topic ---------------------------------------
@@ -194,3 +190,46 @@ def test_calling_a_convolution_routine_is_advised_against_without_losing_points(
 CONV_BY_TORCH = """def conv2d_im2col(x, weight, bias=None, stride=1, padding=0):
     return F.conv2d(x, weight, bias, stride=stride, padding=padding)
 """
+
+
+def test_scores_started_before_execution_are_used_only_for_the_same_sources(monkeypatch):
+    """StartTrustedScores scores while the kernel runs; TrustedScores takes those reports
+    only when the notebook's graded sources and the device are still the ones scored, and
+    otherwise scores again (after the first scoring has ended)."""
+    from types import SimpleNamespace
+
+    from nbformat.v4 import new_code_cell, new_notebook
+
+    from cs_helpers.grading import nbgrader_plugin as plugin
+
+    scored = []
+
+    def fake_trusted_scores(checks, sources, seeds, points, device=None, sandboxed=None):
+        scored.append(list(sources))
+        return [SimpleNamespace(score=float(len(scored)), points=2.0, message=f"scoring {len(scored)}")]
+
+    def plan(nb, resources):
+        return ["f"], {"checks": [None], "sources": [c.source for c in nb.cells if c.cell_type == "code"][:1],
+                       "seeds": [0], "points": [2.0]}
+
+    monkeypatch.setattr(plugin, "trusted_scores", fake_trusted_scores)
+    monkeypatch.setattr(plugin, "_scoring_plan", plan)
+    monkeypatch.setattr(plugin.isolation, "require_sandbox", lambda: True)
+    test_cell = new_code_cell("f()", metadata={"nbgrader": {"grade_id": "test_f", "grade": True}})
+    nb = new_notebook(cells=[new_code_cell("def f(): pass", metadata={"nbgrader": {"grade_id": "f"}}), test_cell])
+
+    resources = {}
+    nb, resources = plugin.StartTrustedScores().preprocess(nb, resources)
+    nb, resources = plugin.TrustedScores().preprocess(nb, resources)
+    assert scored == [["def f(): pass"]] and nb.cells[1].outputs[0]["text"] == "scoring 1\n"
+
+    nb, resources = plugin.StartTrustedScores().preprocess(nb, resources)
+    nb.cells[0].source = "def f(): return 1"          # changed after the early start
+    nb, resources = plugin.TrustedScores().preprocess(nb, resources)
+    assert scored[1:] == [["def f(): pass"], ["def f(): return 1"]]
+    assert nb.cells[1].outputs[0]["text"] == "scoring 3\n" and nb.cells[1].outputs[1]["data"]["text/plain"] == "3.0"
+    assert "trusted_scores_started" not in resources.get("cs_helpers", {})
+
+    nb, resources = plugin.StartTrustedScores().preprocess(nb, resources)   # on the default device
+    nb, resources = plugin.TrustedScores(device="cpu").preprocess(nb, resources)
+    assert len(scored) == 5 and nb.cells[1].outputs[0]["text"] == "scoring 5\n"

@@ -148,3 +148,43 @@ def test_walkthrough_writes_executed_notebooks_with_pictures(tmp_path, monkeypat
     assert [(r.notebook, r.status) for r in rows] == [("filters.ipynb", "ok")]
     html = (tmp_path / "filters.html").read_text()
     assert html.count("data:image/png") >= 5
+
+
+def test_walkthrough_takes_numbers_and_topics_and_names_the_choices(tmp_path, capsys):
+    from cs_helpers.cli import main
+    from cs_helpers.course import _notebook_path
+
+    assert _notebook_path("03") == _notebook_path("saliency") == _notebook_path("03_saliency") == NOTEBOOKS["saliency"]
+    assert _notebook_path(NOTEBOOKS["filters"]) == NOTEBOOKS["filters"]
+    assert main(["walkthrough", "--out", str(tmp_path), "99"]) == 2
+    error = capsys.readouterr().err
+    assert "no notebook '99'" in error and "01_filters" in error and "07_tcav" in error
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_fresh_gradebook_is_the_one_nbgrader_would_create(tmp_path):
+    """course.fresh_gradebook skips nbgrader's `alembic heads` subprocess: the same
+    tables, columns and migration version as nbgrader's own first use."""
+    import sqlite3
+
+    from nbgrader.api import Gradebook, get_alembic_version
+
+    from cs_helpers.course import _venv_on_path, fresh_gradebook
+
+    def schema(path):
+        with sqlite3.connect(path) as db:
+            tables = sorted(r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'"))
+            columns = {t: [c[1:3] for c in db.execute(f"PRAGMA table_info('{t}')")] for t in tables}
+            return columns, db.execute("SELECT version_num FROM alembic_version").fetchall()
+
+    ours = fresh_gradebook(tmp_path / "ours.db")
+    with _venv_on_path():
+        Gradebook(f"sqlite:///{tmp_path / 'theirs.db'}").close()
+        head = get_alembic_version()
+    assert schema(ours) == schema(tmp_path / "theirs.db")
+    assert schema(ours)[1] == [(head,)]
+    with pytest.raises(FileExistsError, match="already exists"):
+        fresh_gradebook(ours)
+    with Gradebook(f"sqlite:///{ours}", course_id="course") as gb:   # nbgrader opens it as its own
+        gb.add_student("s1")
+        assert [s.id for s in gb.students] == ["s1"]

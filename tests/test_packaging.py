@@ -26,11 +26,14 @@ LOAD_EVERY_MODEL = """
 import json, sys
 import cs_helpers
 from cs_helpers.models import load_model
+from cs_helpers.models import EMBEDDED_DEFAULT, TOYWORLD_NAMES
+from cs_helpers.toydecoder import load_decoder
 from cs_helpers.toynet import data_dir
 loaded = {}
-for name in ("efficientnet_lite0", "toynet", "toynet_shortcut"):
+for name in (EMBEDDED_DEFAULT, *TOYWORLD_NAMES):   # every model shipped with the package (torchvision's download)
     model = load_model(name, device="cpu")
     loaded[name] = sum(p.numel() for p in model.parameters())
+loaded["toy_decoder"] = sum(p.numel() for p in load_decoder(device="cpu").parameters())
 print(json.dumps({"package": cs_helpers.__file__, "weights": str(data_dir()), "loaded": loaded,
                   "reference": __import__("importlib").util.find_spec("cs_helpers.reference") is not None}))
 """
@@ -79,5 +82,6 @@ def test_a_built_wheel_installed_elsewhere_loads_every_model(tmp_path):
     assert Path(report["package"]).resolve().is_relative_to(site.resolve()), report
     assert Path(report["weights"]).resolve() == (site / "cs_helpers" / "weights").resolve(), report
     assert not Path(report["package"]).resolve().is_relative_to(REPO), report
-    assert set(report["loaded"]) == {"efficientnet_lite0", "toynet", "toynet_shortcut"}
+    assert set(report["loaded"]) == {"efficientnet_lite0", "toynet", "toynet_shortcut", "toynet_robust",
+                                     "toy_decoder"}
     assert all(count > 0 for count in report["loaded"].values()), report

@@ -61,7 +61,7 @@ def test_each_graded_function_has_its_solution_and_test_cell(path):
 def test_nbgrader_config_is_hardened():
     from traitlets.config import Config
 
-    from cs_helpers.grading.nbgrader_plugin import SandboxedExecute, TrustedScores
+    from cs_helpers.grading.nbgrader_plugin import SandboxedExecute, StartTrustedScores, TrustedScores
     from cs_helpers.grading.nbgrader_settings import configure
     from nbgrader.preprocessors import Execute, SaveAutoGrades
 
@@ -75,8 +75,9 @@ def test_nbgrader_config_is_hardened():
     assert first.Execute.timeout >= 120 and first.Execute.kernel_name == "python3"
     steps = first.Autograde.autograde_preprocessors
     assert steps.index(TrustedScores) == steps.index(SaveAutoGrades) - 1
-    # The notebook executes only in the sandboxed kernel, never in nbgrader's own.
-    assert steps[0] is SandboxedExecute and Execute not in steps
+    # The notebook executes only in the sandboxed kernel, never in nbgrader's own; the
+    # scoring starts just before it.
+    assert steps[:2] == [StartTrustedScores, SandboxedExecute] and Execute not in steps
 
 
 def test_points_in_checks_are_positive():

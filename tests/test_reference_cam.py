@@ -3,19 +3,18 @@ pytorch-grad-cam's GradCAM, F.interpolate, a loop for the pointing game), its id
 with CAM, its ground truth on ToyWorld, its manners, and the checks: the reference earns
 full points and each mistake students make loses points by what it returns."""
 import math
-import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from cs_helpers import grading
-from cs_helpers.grading import get_check, hidden_seed
+from cs_helpers.grading import get_check
 from cs_helpers.hooks import capture
 from cs_helpers.reference.cam import class_activation_map, grad_cam, guided_grad_cam, pointing_game, upsample_cam
 from cs_helpers.reference.saliency import guided_backprop
 
-from helpers import hook_count, rand, tiny
+from helpers import assert_costs_only, grade_in_process, hook_count, rand, tiny
 
 NAMES = ("class_activation_map", "grad_cam", "upsample_cam", "guided_grad_cam", "pointing_game")
 
@@ -105,7 +104,8 @@ def test_class_activation_map_is_the_weighted_sum_and_its_mean_is_the_score_minu
         for c in range(5):
             cam = class_activation_map(record.output[i], toynet.classifier.weight, c)
             manual = sum(toynet.classifier.weight[c, k] * record.output[i, k] for k in range(64))
-            torch.testing.assert_close(cam, manual, rtol=1e-5, atol=1e-5)
+            # a float32 sum of 64 terms: its rounding depends on the order, and values reach ~10
+            torch.testing.assert_close(cam, manual, rtol=1e-5, atol=1e-4)
             assert math.isclose(float(cam.mean()) + float(toynet.classifier.bias[c]), float(logits[i, c]),
                                 rel_tol=1e-4, abs_tol=1e-4)
 
@@ -233,28 +233,6 @@ def test_the_reference_earns_full_points_on_another_seed(name, capsys):
     assert "every property checked holds" in out.out and out.err == ""
 
 
-_GRADERS = {}
-
-
-def _grade(name, func):
-    """The in-process score of ``func`` on the hidden seed's cases (the reference's
-    outcomes are computed once per function and reused)."""
-    from cs_helpers.grading.core import call_case, unique_cases
-    from cs_helpers.grading.sandbox import reference_outcomes
-
-    if name not in _GRADERS:
-        check = get_check(name)
-        props = check.properties(hidden_seed(name))
-        cases = unique_cases(props)
-        _GRADERS[name] = (check, props, cases, reference_outcomes(check, cases, "cpu"))
-    check, props, cases, expected = _GRADERS[name]
-    models = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        got = {id(c): call_case(func, c, torch.device("cpu"), models) for c in cases}
-    return check.evaluate(props, expected, got)
-
-
 EXACT = {"class_activation_map": "equals sum_k", "grad_cam": "equals ReLU(sum_k", "upsample_cam": "upsamples bilinearly",
          "guided_grad_cam": "equals guided_backprop", "pointing_game": "the share of maps"}
 
@@ -262,15 +240,8 @@ EXACT = {"class_activation_map": "equals sum_k", "grad_cam": "equals ReLU(sum_k"
 def _loses(name, func, *failed, exact=True):
     """``func`` scores below full points; the properties that fail are exactly those
     named by ``failed`` (plus the exact comparison when ``exact``)."""
-    report = _grade(name, func)
-    assert report.score < report.points, report.message
-    fragments = list(failed) + ([EXACT[name]] if exact else [])
-    for fragment in fragments:
-        assert any(fragment in d for d in report.failed), (fragment, report.message)
-    unexpected = [d for d in report.failed if not any(f in d for f in fragments)]
-    assert not unexpected, (unexpected, report.message)
-    assert "tensor(" not in report.message
-    return report
+    return assert_costs_only(grade_in_process(name, func), list(failed) + ([EXACT[name]] if exact else []),
+                             earns_some=False)
 
 
 def _targets(targets, n):
@@ -307,7 +278,7 @@ def student_grad_cam(model, layer, images, targets, relu=True, reduce="mean", pr
 
 
 def test_a_students_correct_grad_cam_earns_full_points():
-    report = _grade("grad_cam", student_grad_cam)
+    report = grade_in_process("grad_cam", student_grad_cam)
     assert report.score == report.points and not report.advice, report.message
 
 
@@ -320,7 +291,7 @@ def test_grad_cam_mistakes_lose_their_own_points():
 
 
 def test_a_hook_left_on_the_model_is_advice_only():
-    report = _grade("grad_cam", lambda m, l, x, t: student_grad_cam(m, l, x, t, remove=False))
+    report = grade_in_process("grad_cam", lambda m, l, x, t: student_grad_cam(m, l, x, t, remove=False))
     assert report.score == report.points
     assert any("removes its hooks" in d for d in report.advice), report.message
     assert "Also worth fixing" in report.message
@@ -339,7 +310,7 @@ def student_upsample(cam, size, align_corners=False, joint=False):
 
 
 def test_upsample_mistakes_lose_their_own_points():
-    assert _grade("upsample_cam", student_upsample).score == get_check("upsample_cam").points
+    assert grade_in_process("upsample_cam", student_upsample).score == get_check("upsample_cam").points
     _loses("upsample_cam", lambda c, s: student_upsample(c, s, align_corners=True), "align_corners=False")
     _loses("upsample_cam", lambda c, s: student_upsample(c, s, joint=True), "on its own")
 
@@ -385,7 +356,7 @@ def test_cam_guided_and_pointing_mistakes_lose_points():
         hit = d.flatten(1).amin(1) < tolerance if tolerance > 0 else d.flatten(1).amin(1) == 0
         return float(hit.float().mean())
 
-    report = _grade("pointing_game", strict)      # may also miss a few ToyWorld scenes at exactly 4 px
+    report = grade_in_process("pointing_game", strict)      # may also miss a few ToyWorld scenes at exactly 4 px
     assert report.score < report.points and any("exactly `tolerance`" in d for d in report.failed), report.message
     assert all("exactly `tolerance`" in d or EXACT["pointing_game"] in d for d in report.failed), report.message
 

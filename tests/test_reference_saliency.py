@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from cs_helpers import grading
-from cs_helpers.grading import get_check, hidden_seed
+from cs_helpers.grading import get_check
 from cs_helpers.reference.saliency import gradient_saliency, guided_backprop, occlusion_map, shapley_values
 
-from helpers import hook_count, rand, tiny
+from helpers import assert_costs_only, grade_in_process, hook_count, rand, tiny
 
 NAMES = ("gradient_saliency", "guided_backprop", "occlusion_map", "shapley_values")
 
@@ -372,12 +372,14 @@ def test_toynet_classifies_toyworld_and_its_saliency_sits_on_the_object(toynet, 
 def test_toynet_shortcut_relies_on_the_background(toynet, toynet_shortcut):
     """Measured on the 200 circle and square scenes of toyworld(500, seed=11,
     background_bias=1) with the committed weights: accuracy matched / swapped 1.0 / 0.0
-    for toynet_shortcut and 0.995 / 0.99 for toynet; the object (15.0% of the pixels)
-    holds 46.0% vs 42.4% of the gradient saliency mass and 38.0% vs 30.9% of the
+    for toynet_shortcut and 1.0 / 0.975 for toynet; the object (15.0% of the pixels)
+    holds 38.5% vs 42.6% of the gradient saliency mass and 34.9% vs 30.4% of the
     guided-backprop mass (toynet vs toynet_shortcut); with the object on a mid-gray
-    background the probability of the true class is 0.60 for toynet and 0.01 for
+    background the probability of the true class is 0.77 for toynet and 0.02 for
     toynet_shortcut; the mean Shapley values of object / background (4 permutations)
-    are 0.26 / 0.27 for toynet and 0.04 / 0.84 for toynet_shortcut."""
+    are 0.36 / 0.22 for toynet and 0.04 / 0.82 for toynet_shortcut. (The toynet of an
+    earlier, shorter recipe had 46.0% vs 42.4% gradient mass: which network has more
+    depends on the training run, not on the shortcut.)"""
     from cs_helpers.toyworld import SHORTCUT_CLASSES, toyworld
 
     matched = toyworld(500, seed=11, background_bias=1.0)
@@ -400,8 +402,11 @@ def test_toynet_shortcut_relies_on_the_background(toynet, toynet_shortcut):
             gradient_saliency(model, images, labels)
         return float(mass_inside(maps, masks).mean())
 
-    # Saliency only hints at the shortcut: less mass on the object, by a few points.
-    assert inside(toynet) > inside(toynet_shortcut) > share
+    # Saliency does not convict the shortcut network: both put far more gradient mass on
+    # the object than its share of the pixels, within a few points of each other; guided
+    # backprop gives the shortcut network a little less.
+    gradient_mass = inside(toynet), inside(toynet_shortcut)
+    assert min(gradient_mass) > 2 * share and abs(gradient_mass[0] - gradient_mass[1]) < 0.1, gradient_mass
     assert inside(toynet, guided=True) > inside(toynet_shortcut, guided=True)
     # The intervention that settles it: the object alone, on a mid-gray background.
     on_gray = torch.where(masks[:, None], images, torch.tensor(0.5))
@@ -531,29 +536,6 @@ def test_the_reference_earns_full_points_on_another_seed(name, capsys):
     assert "every property checked holds" in out.out and out.err == ""
 
 
-_GRADERS = {}
-
-
-def _grade(name, func):
-    """The in-process score of ``func`` on the hidden seed's cases, as
-    ``grading.score`` computes it; the reference's outcomes (and the variants the
-    properties compute) are computed once per function and reused by every student."""
-    from cs_helpers.grading.core import call_case, unique_cases
-    from cs_helpers.grading.sandbox import reference_outcomes
-
-    if name not in _GRADERS:
-        check = get_check(name)
-        props = check.properties(hidden_seed(name))
-        cases = unique_cases(props)
-        _GRADERS[name] = (check, props, cases, reference_outcomes(check, cases, "cpu"))
-    check, props, cases, expected = _GRADERS[name]
-    models = {}   # fresh models for each student: hooks a student leaves behind stay with them
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        got = {id(c): call_case(func, c, torch.device("cpu"), models) for c in cases}
-    return check.evaluate(props, expected, got)
-
-
 EXACT = {  # the property that compares with the reference's values, which every mistake fails
     "gradient_saliency": "equals the max over colour channels",
     "guided_backprop": "matches guided backpropagation",
@@ -567,22 +549,14 @@ def _loses(name, func, *failed, exact=True):
     those whose descriptions contain one of the ``failed`` fragments (plus, when
     ``exact``, the property comparing with the reference's values): one mistake costs
     its own point, not the others'."""
-    report = _grade(name, func)
-    assert 0 < report.score < report.points, report.message
-    fragments = list(failed) + ([EXACT[name]] if exact else [])
-    for fragment in fragments:
-        assert any(fragment in d for d in report.failed), (fragment, report.message)
-    unexpected = [d for d in report.failed if not any(f in d for f in fragments)]
-    assert not unexpected, (unexpected, report.message)
-    assert "tensor(" not in report.message
-    return report
+    return assert_costs_only(grade_in_process(name, func), list(failed) + ([EXACT[name]] if exact else []))
 
 
 def _advised(name, func, fragment):
     """``func`` returns the reference's values, so it earns full points; what is wrong
     with it shows only inside the graded process (which could forge that evidence), so
     the message names it as advice."""
-    report = _grade(name, func)
+    report = grade_in_process(name, func)
     assert report.score == report.points, report.message
     assert any(fragment in d for d in report.advice), (fragment, report.message)
     return report
@@ -647,7 +621,7 @@ def test_gradient_saliency_mistakes_lose_their_own_points():
     def first_target_only(model, images, targets):
         return _input_grad(model, images, int(_targets(targets, len(images))[0])).abs().amax(1)
 
-    report = _grade("gradient_saliency", first_target_only)
+    report = grade_in_process("gradient_saliency", first_target_only)
     assert 0 < report.score < report.points and any("each image's own target" in d for d in report.failed)
 
 
@@ -680,7 +654,7 @@ def _unbounded_guided(model, images, targets):
 
 def test_guided_backprop_mistakes_lose_their_own_points():
     # The usual correct student: clamp the gradient the ReLU passes down.
-    correct = _grade("guided_backprop", lambda m, x, t: _guided(m, x, t, lambda gi, go: gi.clamp(min=0)))
+    correct = grade_in_process("guided_backprop", lambda m, x, t: _guided(m, x, t, lambda gi, go: gi.clamp(min=0)))
     assert correct.score == correct.points, correct.message
     # The plain gradient neither keeps only positive gradients nor treats the ReLU6s.
     _loses("guided_backprop", lambda m, x, t: _input_grad(m, x, t), "only positive gradients", "ReLU6 too")
@@ -726,7 +700,7 @@ def _student_occlusion(model, image, target, window=16, stride=8, baseline=0.5, 
 
 
 def test_occlusion_mistakes_lose_their_own_points():
-    correct = _grade("occlusion_map", _student_occlusion)
+    correct = grade_in_process("occlusion_map", _student_occlusion)
     assert correct.score == correct.points, correct.message
     for kwargs, fragment in [(dict(flush=False), "flush with the border"),
                              (dict(reduce="sum"), "mean over the windows"),
@@ -776,7 +750,7 @@ def _student_shapley(model, image, target, segments, n_permutations, baseline=0.
 
 
 def test_shapley_mistakes_lose_their_own_points():
-    correct = _grade("shapley_values", _student_shapley)
+    correct = grade_in_process("shapley_values", _student_shapley)
     assert correct.score == correct.points, correct.message
 
     def with_(**options):
@@ -812,8 +786,8 @@ def test_a_function_returning_nothing_or_crashing_earns_nothing(name):
     def crashes(*args, **kwargs):
         raise RuntimeError("oops")
 
-    assert _grade(name, lambda *a, **k: None).score == 0
-    report = _grade(name, crashes)
+    assert grade_in_process(name, lambda *a, **k: None).score == 0
+    report = grade_in_process(name, crashes)
     assert report.score == 0 and any("raised RuntimeError: oops" in e for e in report.errors)
 
 

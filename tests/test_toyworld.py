@@ -27,7 +27,7 @@ from cs_helpers.toyworld import (  # noqa: E402
     concept_images,
     toyworld,
 )
-from cs_helpers.train_toynet import evaluate, measure, train  # noqa: E402
+from cs_helpers.train_toynet import SETTINGS, SPREAD_SEEDS, evaluate, measure, train  # noqa: E402
 from cs_helpers.viz import show_toyworld  # noqa: E402
 
 LUMA = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
@@ -263,7 +263,7 @@ def test_missing_weights_say_how_to_make_them(tmp_path, monkeypatch):
 
 def test_toynet_is_accurate_on_fresh_unbiased_scenes():
     model = load_model("toynet", device="cpu")
-    assert evaluate(model, toyworld(1000, seed=2024)) >= 0.95
+    assert evaluate(model, toyworld(1000, seed=2024)) >= 0.98
 
 
 def test_only_the_shortcut_network_is_fooled_by_swapped_backgrounds():
@@ -280,7 +280,7 @@ def test_only_the_shortcut_network_is_fooled_by_swapped_backgrounds():
 
 def test_committed_metrics_meet_the_targets(metrics):
     fair, shortcut = metrics["toynet"]["accuracy"], metrics["toynet_shortcut"]["accuracy"]
-    assert fair["unbiased"] >= 0.95
+    assert fair["unbiased"] >= 0.98
     assert abs(fair["matched_background"] - fair["swapped_background"]) <= 0.03
     assert shortcut["matched_background"] - shortcut["swapped_background"] >= 0.25
     assert shortcut["swapped_background_shortcut_classes"] < 0.2 < 0.9 < shortcut["matched_background_shortcut_classes"]
@@ -317,19 +317,36 @@ def test_show_toyworld_returns_a_figure_with_titles(world):
 # --------------------------------------------------------------------------- retraining
 # Training is repeatable on one CPU, not across CPUs: another CPU rounds differently, and a
 # difference in the last bit grows during training like any other perturbation of the
-# start. We measured how far that goes by scaling toynet's initial weights by
-# (1 + eps * noise) with the committed recipe, one thread: eps = 1e-6 gave an unbiased
-# accuracy of 0.901, eps = 1e-5 gave 0.986 (committed: 0.981); at lr 3e-3, eps = 1e-6 gave
-# 0.904. The shape classes are learned late in the 1000 steps and a run that learns them
-# later ends lower, so the committed accuracy cannot be reproduced to a point on another
-# CPU, and a full retraining (about 100 s of CPU for toynet alone, 50 s for the shortcut
-# network) does not fit the test budget. These tests retrain reduced runs instead and check
-# what held in every measured run, with margins: the shortcut network learns the background
-# first, and the fair network learns without it.
+# start. With toynet's earlier recipe of 1000 steps that cost up to 8 points of accuracy
+# (the shape classes were learned late); the recipe now trains for 2000 steps, and the
+# training script records the accuracy reached from other initializations ("spread" in
+# the metrics file). A new initialization perturbs training far more than rounding does,
+# so a retraining on any CPU must land within that spread, with a margin. The shortcut
+# network learns the background first, in a fraction of its steps: a reduced run shows it.
 
-SHORTCUT_STEPS = 250     # measured, 3 runs: shortcut classes 0.995-0.998 matched, 0.000 swapped
-FAIR_STEPS = 300         # measured: unbiased 0.62-0.76, |matched - swapped| 0.006-0.037 (4 runs)
-FAIR_MIN_ACCURACY = 0.5  # well above chance (0.2), with a margin below the spread of short runs
+SHORTCUT_STEPS = 250       # measured, 3 runs: shortcut classes 0.995-0.998 matched, 0.000 swapped
+SPREAD_MARGIN = 0.02       # below the lowest accuracy of the recorded initializations
+
+
+def test_toynet_reaches_its_accuracy_from_every_recorded_initialization(metrics):
+    spread = metrics["spread"]
+    assert spread["steps"] == metrics["toynet"]["steps"] == SETTINGS["toynet"]["steps"]
+    by_seed = spread["unbiased_by_init_seed"]
+    assert set(by_seed) == {str(seed) for seed in SPREAD_SEEDS} and len(by_seed) >= 3
+    assert spread["max"] - spread["min"] <= 0.01, by_seed     # the recipe is robust
+    assert spread["min"] - SPREAD_MARGIN <= metrics["toynet"]["accuracy"]["unbiased"] <= 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.long_running
+def test_retraining_toynet_lands_within_the_recorded_spread(metrics):
+    """The full recipe (about 140 s of one CPU core): the accuracy within the spread of the
+    recorded initializations, and no dependence on the background."""
+    model, record = train("toynet")
+    accuracy = measure(model)
+    assert record["steps"] == SETTINGS["toynet"]["steps"] and record["background_bias"] == 0.0
+    assert accuracy["unbiased"] >= metrics["spread"]["min"] - SPREAD_MARGIN, (accuracy, metrics["spread"])
+    assert abs(accuracy["matched_background"] - accuracy["swapped_background"]) <= 0.03, accuracy
 
 
 @pytest.mark.slow
@@ -340,12 +357,3 @@ def test_a_reduced_retraining_of_the_shortcut_network_learns_the_background_firs
     assert accuracy["matched_background_shortcut_classes"] >= 0.9, accuracy
     assert accuracy["swapped_background_shortcut_classes"] <= 0.1, accuracy
     assert accuracy["matched_background"] - accuracy["swapped_background"] >= 0.25, accuracy
-
-
-@pytest.mark.slow
-def test_a_reduced_retraining_of_toynet_learns_without_the_background():
-    model, record = train("toynet", steps=FAIR_STEPS)
-    accuracy = measure(model, n=1000)
-    assert record["steps"] == FAIR_STEPS and record["background_bias"] == 0.0
-    assert accuracy["unbiased"] >= FAIR_MIN_ACCURACY, accuracy
-    assert abs(accuracy["matched_background"] - accuracy["swapped_background"]) <= 0.08, accuracy

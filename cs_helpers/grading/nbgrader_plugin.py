@@ -14,10 +14,19 @@ function across the trust boundary (:func:`cs_helpers.grading.sandbox.trusted_sc
 and replaces the cell's outputs with that score. Whatever the student's kernel printed
 or computed in that cell (including a score it faked) is discarded.
 
+The scores depend on the notebook's sources alone, which nbgrader has fixed (locked
+cells restored from the gradebook) before these preprocessors run. So
+:class:`StartTrustedScores`, placed first, starts the scoring in a thread of the grader
+while the kernel executes the notebook, each in its own sandbox; :class:`TrustedScores`
+waits for it. Nothing is shared between the two sandboxes, and the scores are the same
+as when computed afterwards.
+
 Importing this module imports every check and reference, so that the grader holds its
 own code in memory before any student code runs.
 """
 from __future__ import annotations
+
+import threading
 
 from nbformat.v4 import new_output
 from nbgrader.api import Gradebook
@@ -79,9 +88,79 @@ class SandboxedExecute(SlicedReplyWait, Execute):
         return super().preprocess_cell(cell, resources, index)
 
 
+def _scoring_plan(nb, resources) -> tuple[list[str], dict]:
+    """The names of the graded functions of ``nb``, in notebook order, and the keyword
+    arguments of :func:`cs_helpers.grading.sandbox.trusted_scores` that score them."""
+    info = resources["nbgrader"]
+    with Gradebook(info["db_url"]) as gb:
+        source_nb = gb.find_notebook(info["notebook"], info["assignment"])
+        sources = {c.name: c for c in source_nb.source_cells}
+        max_scores = {c.name: c.max_score for c in source_nb.grade_cells}
+        solution_ids = {c.name for c in source_nb.solution_cells
+                        if sources.get(c.name) is not None and sources[c.name].cell_type == "code"}
+    setup = sources[SETUP_CELL_ID].source if SETUP_CELL_ID in sources else ""
+    student_cells = [cell.source for cell in nb.cells
+                     if cell.cell_type == "code" and _grade_id(cell) in solution_ids]
+    secret = registry.course_secret()
+    checks = registry.load_all()
+    names = [name for name in (grade_id[len("test_"):] for grade_id in _test_cell_ids(nb))
+             if name in checks and f"test_{name}" in max_scores]
+    return names, {"checks": [checks[name] for name in names], "sources": [setup, *student_cells],
+                   "seeds": [registry.hidden_seed(name, secret) for name in names],
+                   "points": [max_scores[f"test_{name}"] for name in names]}
+
+
+def _test_cell_ids(nb) -> list[str]:
+    return [grade_id for grade_id in (_grade_id(cell) if cell.cell_type == "code" else None for cell in nb.cells)
+            if grade_id and grade_id.startswith("test_")]
+
+
+class _Scoring(threading.Thread):
+    """:func:`trusted_scores` in a thread; ``result()`` waits for it and returns its
+    reports, or raises what it raised."""
+
+    def __init__(self, names, kwargs):
+        super().__init__(name="cs-helpers-trusted-scores", daemon=True)
+        self.names, self.kwargs = names, kwargs
+        self._reports, self._error = None, None
+
+    def run(self):
+        try:
+            self._reports = trusted_scores(**self.kwargs)
+        except BaseException as exc:  # handed to the thread that waits for the result
+            self._error = exc
+
+    def result(self):
+        self.join()
+        if self._error is not None:
+            raise self._error
+        return self._reports
+
+
+_EARLY_SCORING = "trusted_scores_started"
+
+
+class StartTrustedScores(NbGraderPreprocessor):
+    """Starts :class:`TrustedScores`' scoring before the notebook is executed (placed
+    first in ``Autograde.autograde_preprocessors``): it needs only the sources."""
+
+    enabled = Bool(True, help="Whether to score while the notebook executes.").tag(config=True)
+    device = Unicode("", help="Device for grading ('cpu', 'cuda'); empty picks CUDA when present.").tag(config=True)
+
+    def preprocess(self, nb, resources):
+        if not self.enabled:
+            return nb, resources
+        names, kwargs = _scoring_plan(nb, resources)
+        scoring = _Scoring(names, {**kwargs, "device": self.device or None, "sandboxed": isolation.require_sandbox()})
+        scoring.start()
+        resources.setdefault("cs_helpers", {})[_EARLY_SCORING] = scoring
+        return nb, resources
+
+
 class TrustedScores(NbGraderPreprocessor):
     """Replaces the outputs of each autograded test cell with the score computed in
-    the grader's own process."""
+    the grader's own process (started early by :class:`StartTrustedScores` when it ran
+    on these very sources)."""
 
     enabled = Bool(True, help="Whether to recompute scores across the trust boundary.").tag(config=True)
     device = Unicode("", help="Device for grading ('cpu', 'cuda'); empty picks CUDA when present.").tag(config=True)
@@ -89,31 +168,20 @@ class TrustedScores(NbGraderPreprocessor):
     def preprocess(self, nb, resources):
         if not self.enabled:
             return nb, resources
-        info = resources["nbgrader"]
-        with Gradebook(info["db_url"]) as gb:
-            source_nb = gb.find_notebook(info["notebook"], info["assignment"])
-            sources = {c.name: c for c in source_nb.source_cells}
-            max_scores = {c.name: c.max_score for c in source_nb.grade_cells}
-            solution_ids = {c.name for c in source_nb.solution_cells
-                            if sources.get(c.name) is not None and sources[c.name].cell_type == "code"}
-        setup = sources[SETUP_CELL_ID].source if SETUP_CELL_ID in sources else ""
-        student_cells = [cell.source for cell in nb.cells
-                         if cell.cell_type == "code" and _grade_id(cell) in solution_ids]
-        sandboxed = isolation.require_sandbox()
-        secret = registry.course_secret()
-        checks = registry.load_all()
-        graded = []
-        for cell in nb.cells:
-            grade_id = _grade_id(cell)
-            if cell.cell_type != "code" or not grade_id or not grade_id.startswith("test_"):
-                continue
-            name = grade_id[len("test_"):]
-            if name in checks and grade_id in max_scores:
-                graded.append((cell, name))
-        reports = trusted_scores([checks[name] for _, name in graded], [setup, *student_cells],
-                                 [registry.hidden_seed(name, secret) for _, name in graded],
-                                 [max_scores[f"test_{name}"] for _, name in graded],
-                                 device=self.device or None, sandboxed=sandboxed)
+        early = resources.get("cs_helpers", {}).pop(_EARLY_SCORING, None)
+        names, kwargs = _scoring_plan(nb, resources)
+        if early is not None and early.names == names and early.kwargs["sources"] == kwargs["sources"] \
+                and early.kwargs["device"] == (self.device or None):
+            reports = early.result()
+        else:
+            if early is not None:
+                early.join()  # sources changed since it started: score them again, one scoring at a time
+            reports = trusted_scores(**kwargs, device=self.device or None, sandboxed=isolation.require_sandbox())
+        by_name = dict(zip(names, reports))
+        graded = [(cell, (_grade_id(cell) or "")[len("test_"):]) for cell in nb.cells if cell.cell_type == "code"]
+        graded = [(cell, name) for cell, name in graded
+                  if (_grade_id(cell) or "").startswith("test_") and name in by_name]
+        reports = [by_name[name] for _, name in graded]
         died_in = resources.get("cs_helpers", {}).get("kernel_died_in_cell")
         positions = {id(cell): i for i, cell in enumerate(nb.cells)}
         told = False

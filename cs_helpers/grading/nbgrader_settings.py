@@ -24,7 +24,7 @@ def configure(c, root, source_directory: str = "notebooks") -> None:
                                         GetGrades, IgnorePattern, LimitOutput, SaveAutoGrades)
     from nbconvert.preprocessors import CSSHTMLHeaderPreprocessor
 
-    from .nbgrader_plugin import SandboxedExecute, TrustedScores
+    from .nbgrader_plugin import SandboxedExecute, StartTrustedScores, TrustedScores
 
     c.CourseDirectory.source_directory = source_directory
     c.CourseDirectory.ignore = [".ipynb_checkpoints", "*.pyc", "__pycache__", "feedback"]
@@ -45,9 +45,10 @@ def configure(c, root, source_directory: str = "notebooks") -> None:
     c.ClearSolutions.code_stub = {"python": "# YOUR CODE HERE\nraise NotImplementedError()"}
     c.CourseDirectory.root = os.path.abspath(root)
     # The student's code runs only in the OS sandbox (SandboxedExecute for the kernel,
-    # TrustedScores for the scoring children), which sees none of the course folder.
+    # TrustedScores for the scoring children), which sees none of the course folder. The
+    # scoring starts before the execution (StartTrustedScores) and runs beside it.
     c.Autograde.autograde_preprocessors = [
-        SandboxedExecute, IgnorePattern, ClearMetadataPreprocessor, LimitOutput,
+        StartTrustedScores, SandboxedExecute, IgnorePattern, ClearMetadataPreprocessor, LimitOutput,
         TrustedScores, SaveAutoGrades, AssignLatePenalties, CheckCellMetadata,
     ]
     # Feedback shows the grader's messages but never the hidden tests' code.

@@ -27,7 +27,6 @@ contract.
 """
 from __future__ import annotations
 
-import numbers
 import warnings
 
 import numpy as np
@@ -35,7 +34,7 @@ import torch
 from torch import nn
 
 from ..hooks import capture, get_layer, model_device
-from ._inputs import check_batch, check_model
+from ._inputs import check_batch, check_model, single_target
 
 __all__ = ["directional_derivatives", "tcav_score", "tcav_test", "train_cav"]
 
@@ -43,15 +42,6 @@ _CHUNK = 32  # images per forward pass inside tcav_test (bounds memory on large 
 
 
 # ----------------------------------------------------------------------------- inputs
-
-def single_target(target) -> int:
-    if isinstance(target, torch.Tensor) and target.numel() == 1 and not target.is_floating_point() \
-            and target.dtype != torch.bool:
-        return int(target.item())
-    if isinstance(target, numbers.Integral) and not isinstance(target, bool):
-        return int(target)
-    raise TypeError(f"target must be one class index (an int) for the whole batch; got {type(target).__name__}")
-
 
 def _as_matrix(acts, what) -> np.ndarray:
     """Activations ``(n, D)`` (tensor or array) as a float64 NumPy matrix."""

@@ -236,6 +236,20 @@ def run_cell(driver, index: int, timeout_s: float = 90):
     return code_cells(driver)[index]
 
 
+def retry_stale(read, attempts: int = 25, interval_s: float = 0.2):
+    """``read()``, again while the page replaces the elements it reads (an explorer
+    redrawing its output): Selenium then raises StaleElementReferenceException."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    for attempt in range(attempts):
+        try:
+            return read()
+        except StaleElementReferenceException:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(interval_s)
+
+
 def output_text(cell) -> str:
     from selenium.webdriver.common.by import By
 

@@ -27,7 +27,7 @@ import pytest
 from nbformat.v4 import new_code_cell
 
 from labdriver import (JUPYTER_DIR, LabServer, browser_binaries, chromium, code_cells, open_notebook,
-                       output_text, run_cell, shot, wait_for)
+                       output_text, retry_stale, run_cell, shot, wait_for)
 
 try:  # imported here so that the names read plainly below; without selenium every test skips
     from selenium.webdriver.common.action_chains import ActionChains
@@ -293,11 +293,12 @@ def test_explorer_renders_and_redraws_when_a_control_moves(topic, notebook):
 
     run_cell(driver, explorer, timeout_s=120)
     wait_for(drawn, 60, f"the explorer of {topic} to draw")
-    text = output_text(cell())
+    text = retry_stale(lambda: output_text(cell()))
     assert "Error displaying widget" not in text and "Traceback" not in text, text
-    assert cell().find_elements(By.CSS_SELECTOR, ".jupyter-widgets, .widget-interact"), "no widget rendered"
-    before = _figure(cell())
-    kind, control = _control(cell())
+    assert retry_stale(lambda: cell().find_elements(By.CSS_SELECTOR, ".jupyter-widgets, .widget-interact")), \
+        "no widget rendered"
+    before = retry_stale(lambda: _figure(cell()))
+    kind, control = retry_stale(lambda: _control(cell()))
     driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", control)
     shot(driver, f"explorer_{topic}_1_drawn")
     if kind == "slider":  # by keyboard: focus the handle, one step to the right
@@ -315,9 +316,9 @@ def test_explorer_renders_and_redraws_when_a_control_moves(topic, notebook):
 
     wait_for(redrawn, 60, f"the figure of {topic}'s explorer to change after moving its {kind}")
     shot(driver, f"explorer_{topic}_2_after_{kind}")
-    text = output_text(cell())
+    text = retry_stale(lambda: output_text(cell()))
     assert "Traceback" not in text and "Error" not in text, text
-    assert _figure(cell()) != before
+    assert retry_stale(lambda: _figure(cell())) != before
 
 
 def test_no_news_prompt(lab, notebook):
