@@ -45,6 +45,10 @@ STUDENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}\Z")
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 PATIENT_CLUSTER = {"distributed.comm.timeouts.tcp": "300s", "distributed.comm.timeouts.connect": "120s",
                    "distributed.scheduler.worker-ttl": "30 minutes"}
+# With no worker left a task waits for one forever: after this long without any, the
+# remaining submissions fail ("the cluster lost all its workers") and the run ends.
+LOST_WORKERS_S = 60.0
+POLL_S = 0.2
 
 
 class AutogradeError(Exception):
@@ -569,7 +573,7 @@ def _client(workers: int | None, scheduler: str | None):
 def autograde(assignment: str, root=".", *, workers: int | None = None, scheduler: str | None = None,
               db: str | None = None, force: bool = False, csv_path=None, sandboxed: bool = True,
               execute_timeout_s: float | None = None, source_dir=None, progress: bool = True,
-              retries: int = 1, course_id: str = "course") -> Report:
+              retries: int = 1, course_id: str = "course", lost_workers_s: float = LOST_WORKERS_S) -> Report:
     """Grades every new or changed submission of ``assignment`` under
     ``root/submitted`` on Dask (``workers`` local processes, or the cluster at
     ``scheduler``), records each in the gradebook ``db`` (SQLAlchemy URL; default
@@ -585,6 +589,8 @@ def autograde(assignment: str, root=".", *, workers: int | None = None, schedule
     db_url = database_url(db, root)
     if workers is not None and workers < 1:
         raise AutogradeError(f"--workers {workers}: expected at least 1")
+    if not lost_workers_s > 0:
+        raise AutogradeError(f"--lost-workers-after {lost_workers_s:g}: expected a positive number of seconds")
     submissions, others = collect(root, source)
     if not submissions and not any(o.status == "failed" for o in others):
         raise AutogradeError(f"no submission of {assignment} under {root / SUBMITTED} "
@@ -613,7 +619,7 @@ def autograde(assignment: str, root=".", *, workers: int | None = None, schedule
         if todo:
             _run(todo, source, book, root, outcomes, workers=workers, scheduler=scheduler,
                  fingerprint=fingerprint, sandboxed=sandboxed, execute_timeout_s=execute_timeout_s,
-                 progress=progress, retries=retries)
+                 progress=progress, retries=retries, lost_workers_s=lost_workers_s)
         cells = sorted(name for name in source.graded_ids if name.startswith("test_"))
         for outcome in outcomes.values():
             if outcome.status in ("graded", "unchanged"):
@@ -632,7 +638,7 @@ def autograde(assignment: str, root=".", *, workers: int | None = None, schedule
 
 
 def _run(todo, source, book, root, outcomes, *, workers, scheduler, fingerprint, sandboxed,
-         execute_timeout_s, progress, retries) -> None:
+         execute_timeout_s, progress, retries, lost_workers_s=LOST_WORKERS_S) -> None:
     from distributed import as_completed
     from tqdm import tqdm
 
@@ -646,21 +652,64 @@ def _run(todo, source, book, root, outcomes, *, workers, scheduler, fingerprint,
                                    key=f"autograde-{source.assignment}-{sub.student}-{sub.digest[:16]}",
                                    pure=False, retries=retries)
             futures[future] = sub
+        watchdog = _Watchdog(client, lost_workers_s)
         with tqdm(total=len(todo), desc=f"autograde {source.assignment}", unit="submission",
                   file=sys.stderr, disable=not progress, dynamic_ncols=True) as bar:
             bar.set_postfix(done=0, failed=0, remaining=len(todo))
-            for future in as_completed(futures):
-                sub = futures.pop(future)
-                outcome = _receive(future, sub, source, book, root)
-                outcomes[sub.student] = outcome
-                failed += outcome.status == "failed"
-                bar.update(1)
-                bar.set_postfix(done=bar.n - failed, failed=failed, remaining=bar.total - bar.n)
-                future.release()
+            done = as_completed(futures)
+            while futures:
+                ready = done.next_batch(block=False)
+                if not ready:
+                    if watchdog.expired():
+                        reason = (f"not graded: the cluster lost all its workers (none for "
+                                  f"{lost_workers_s:g} s while {len(futures)} submissions remained)")
+                        print(f"cs-helpers autograde: {reason}", file=sys.stderr)
+                        client.cancel(list(futures))
+                        for sub in futures.values():
+                            outcomes[sub.student] = Outcome(sub.student, "failed", reason, notes=sub.notes)
+                        futures.clear()
+                        break
+                    time.sleep(POLL_S)
+                    continue
+                for future in ready:
+                    sub = futures.pop(future)
+                    outcome = _receive(future, sub, source, book, root)
+                    outcomes[sub.student] = outcome
+                    failed += outcome.status == "failed"
+                    bar.update(1)
+                    bar.set_postfix(done=bar.n - failed, failed=failed, remaining=bar.total - bar.n)
+                    future.release()
     finally:
         client.close()
         if cluster is not None:
             cluster.close()
+
+
+class _Watchdog:
+    """Says when the cluster has had no worker for ``after_s`` seconds (asked of the
+    scheduler at most once a second; a scheduler that does not answer counts as one
+    without workers). Tasks wait for a worker forever otherwise."""
+
+    def __init__(self, client, after_s: float):
+        self.client, self.after_s = client, after_s
+        self.since: float | None = None
+        self.checked = 0.0
+
+    def expired(self) -> bool:
+        now = time.monotonic()
+        if now - self.checked < 1.0:
+            return self.since is not None and now - self.since >= self.after_s
+        self.checked = now
+        try:
+            alive = bool(self.client.sync(self.client.scheduler.ncores, callback_timeout=10))
+        except Exception:  # scheduler unreachable or slow: no worker to be seen either way
+            alive = False
+        if alive:
+            self.since = None
+            return False
+        if self.since is None:
+            self.since = now
+        return now - self.since >= self.after_s
 
 
 def _receive(future, sub: Submission, source: Source, book: Gradebook, root: Path) -> Outcome:

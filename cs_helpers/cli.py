@@ -4,6 +4,7 @@
     cs-helpers release --out DIR
     cs-helpers grade SUBMISSION.ipynb ... [--json] [--no-sandbox]
     cs-helpers autograde ASSIGNMENT [--workers N | --scheduler ADDRESS] [--db URL] [--force] [--csv PATH]
+                         [--source DIR] [--lost-workers-after SECONDS]
 """
 from __future__ import annotations
 
@@ -76,7 +77,8 @@ def _autograde(args) -> int:
         report = autograde(args.assignment, args.course, workers=args.workers, scheduler=args.scheduler,
                            db=args.db, force=args.force, csv_path=args.csv, sandboxed=not args.no_sandbox,
                            execute_timeout_s=args.timeout, source_dir=args.source,
-                           progress=not args.no_progress, course_id=args.course_id)
+                           progress=not args.no_progress, course_id=args.course_id,
+                           lost_workers_s=args.lost_workers_after)
     except AutogradeError as exc:
         print(f"cs-helpers autograde: {exc}", file=sys.stderr)
         return 2
@@ -134,6 +136,9 @@ def main(argv=None) -> int:
     auto.add_argument("--timeout", type=float, metavar="SECONDS",
                       help="time limit of one cell in the student's kernel (default: the course's)")
     auto.add_argument("--source", type=Path, metavar="DIR", help="the source notebooks (default: the kit's)")
+    auto.add_argument("--lost-workers-after", type=float, default=60.0, metavar="SECONDS",
+                      help="fail the remaining submissions when the cluster has had no worker this long "
+                      "(default: 60)")
     auto.add_argument("--course-id", default="course", help="nbgrader's course id in the gradebook")
     auto.add_argument("--no-progress", action="store_true", help="no progress bar")
     auto.add_argument("--no-sandbox", action="store_true",
