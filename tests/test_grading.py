@@ -209,7 +209,7 @@ def test_scores_started_before_execution_are_used_only_for_the_same_sources(monk
         return [SimpleNamespace(score=float(len(scored)), points=2.0, message=f"scoring {len(scored)}")]
 
     def plan(nb, resources):
-        return ["f"], {"checks": [None], "sources": [c.source for c in nb.cells if c.cell_type == "code"][:1],
+        return [(nb.cells[1], "f")], {"checks": [None], "sources": [c.source for c in nb.cells if c.cell_type == "code"][:1],
                        "seeds": [0], "points": [2.0]}
 
     monkeypatch.setattr(plugin, "trusted_scores", fake_trusted_scores)

@@ -88,9 +88,10 @@ class SandboxedExecute(SlicedReplyWait, Execute):
         return super().preprocess_cell(cell, resources, index)
 
 
-def _scoring_plan(nb, resources) -> tuple[list[str], dict]:
-    """The names of the graded functions of ``nb``, in notebook order, and the keyword
-    arguments of :func:`cs_helpers.grading.sandbox.trusted_scores` that score them."""
+def _scoring_plan(nb, resources) -> tuple[list[tuple], dict]:
+    """The test cells of ``nb`` whose function has a check, as ``(cell, name)`` in
+    notebook order, and the keyword arguments of
+    :func:`cs_helpers.grading.sandbox.trusted_scores` that score those functions."""
     info = resources["nbgrader"]
     with Gradebook(info["db_url"]) as gb:
         source_nb = gb.find_notebook(info["notebook"], info["assignment"])
@@ -103,16 +104,13 @@ def _scoring_plan(nb, resources) -> tuple[list[str], dict]:
                      if cell.cell_type == "code" and _grade_id(cell) in solution_ids]
     secret = registry.course_secret()
     checks = registry.load_all()
-    names = [name for name in (grade_id[len("test_"):] for grade_id in _test_cell_ids(nb))
-             if name in checks and f"test_{name}" in max_scores]
-    return names, {"checks": [checks[name] for name in names], "sources": [setup, *student_cells],
+    graded = [(cell, _grade_id(cell)[len("test_"):]) for cell in nb.cells
+              if cell.cell_type == "code" and (_grade_id(cell) or "").startswith("test_")]
+    graded = [(cell, name) for cell, name in graded if name in checks and f"test_{name}" in max_scores]
+    names = [name for _, name in graded]
+    return graded, {"checks": [checks[name] for name in names], "sources": [setup, *student_cells],
                    "seeds": [registry.hidden_seed(name, secret) for name in names],
                    "points": [max_scores[f"test_{name}"] for name in names]}
-
-
-def _test_cell_ids(nb) -> list[str]:
-    return [grade_id for grade_id in (_grade_id(cell) if cell.cell_type == "code" else None for cell in nb.cells)
-            if grade_id and grade_id.startswith("test_")]
 
 
 class _Scoring(threading.Thread):
@@ -150,8 +148,8 @@ class StartTrustedScores(NbGraderPreprocessor):
     def preprocess(self, nb, resources):
         if not self.enabled:
             return nb, resources
-        names, kwargs = _scoring_plan(nb, resources)
-        scoring = _Scoring(names, {**kwargs, "device": self.device or None, "sandboxed": isolation.require_sandbox()})
+        graded, kwargs = _scoring_plan(nb, resources)
+        scoring = _Scoring([name for _, name in graded], {**kwargs, "device": self.device or None, "sandboxed": isolation.require_sandbox()})
         scoring.start()
         resources.setdefault("cs_helpers", {})[_EARLY_SCORING] = scoring
         return nb, resources
@@ -169,7 +167,8 @@ class TrustedScores(NbGraderPreprocessor):
         if not self.enabled:
             return nb, resources
         early = resources.get("cs_helpers", {}).pop(_EARLY_SCORING, None)
-        names, kwargs = _scoring_plan(nb, resources)
+        graded, kwargs = _scoring_plan(nb, resources)
+        names = [name for _, name in graded]
         if early is not None and early.names == names and early.kwargs["sources"] == kwargs["sources"] \
                 and early.kwargs["device"] == (self.device or None):
             reports = early.result()
@@ -177,11 +176,6 @@ class TrustedScores(NbGraderPreprocessor):
             if early is not None:
                 early.join()  # sources changed since it started: score them again, one scoring at a time
             reports = trusted_scores(**kwargs, device=self.device or None, sandboxed=isolation.require_sandbox())
-        by_name = dict(zip(names, reports))
-        graded = [(cell, (_grade_id(cell) or "")[len("test_"):]) for cell in nb.cells if cell.cell_type == "code"]
-        graded = [(cell, name) for cell, name in graded
-                  if (_grade_id(cell) or "").startswith("test_") and name in by_name]
-        reports = [by_name[name] for _, name in graded]
         died_in = resources.get("cs_helpers", {}).get("kernel_died_in_cell")
         positions = {id(cell): i for i, cell in enumerate(nb.cells)}
         told = False
