@@ -215,6 +215,10 @@ def grade_notebook(submission, source, workdir=None, trusted: bool = True, sandb
     start = time.perf_counter()
     with (_sandbox_choice(sandboxed), tempfile.TemporaryDirectory(prefix="cs-course-", dir=workdir) as tmp,
           _venv_on_path()):
+        if sandboxed:
+            from .grading.isolation import start_kernel_early
+
+            start_kernel_early()  # it starts while nbgrader prepares the submission
         root = Path(tmp)
         shutil.copytree(source.parent, root / "source" / assignment,
                         ignore=shutil.ignore_patterns(".ipynb_checkpoints", "__pycache__"))

@@ -125,3 +125,54 @@ def test_the_graders_execute_waits_in_slices(tmp_path, monkeypatch):
     Probe(timeout=120).preprocess(nb, {"metadata": {"path": str(tmp_path)}})
     assert sliced == [True, True, True]
     assert "after the explorer 42" in _printed(nb)
+
+
+needs_sandbox = pytest.mark.skipif(isolation.sandbox_problem() is not None,
+                                   reason=f"no sandbox here: {isolation.sandbox_problem()}")
+
+
+def _kernel_pids(execute_class, nb, tmp_path):
+    """Runs ``nb`` with ``execute_class``; returns the kernel's pid seen at each cell."""
+    pids = []
+
+    class Probe(execute_class):
+        def preprocess_cell(self, cell, resources, index):
+            pids.append(self.km.provisioner.pid)
+            return super().preprocess_cell(cell, resources, index)
+
+    Probe(timeout=120).preprocess(nb, {"metadata": {"path": str(tmp_path)}})
+    return pids
+
+
+@needs_sandbox
+def test_a_kernel_started_early_is_taken_over_and_stopped_with_the_execution(tmp_path):
+    """The grader starts the sandboxed kernel while it prepares the submission
+    (isolation.start_kernel_early); nbgrader's execution then runs in that very process,
+    as nobody, and shuts it down at the end like a kernel it started itself."""
+    from cs_helpers.grading.nbgrader_plugin import SandboxedExecute
+
+    early = isolation.start_kernel_early()
+    assert early is not None and early.process.poll() is None
+    assert isolation.start_kernel_early() is None  # one waits already
+    nb = new_notebook(cells=[new_code_cell("import os\nprint('uid', os.getuid())"), new_code_cell("print(6 * 7)")])
+    assert _kernel_pids(SandboxedExecute, nb, tmp_path) == [early.process.pid] * 2
+    assert "uid 65534" in _printed(nb) and "42" in _printed(nb)
+    assert early.process.poll() is not None and not early.socket_dir.exists()
+    assert isolation._take_early_kernel() is None
+
+
+@needs_sandbox
+def test_an_early_kernel_that_died_or_was_never_taken_leaves_nothing_behind(tmp_path):
+    from cs_helpers.grading.nbgrader_plugin import SandboxedExecute
+
+    early = isolation.start_kernel_early()
+    early.process.kill()
+    early.process.wait()
+    nb = new_notebook(cells=[new_code_cell("print('fresh kernel')")])
+    pids = _kernel_pids(SandboxedExecute, nb, tmp_path)
+    assert pids and pids[0] != early.process.pid and "fresh kernel" in _printed(nb)
+    assert not early.socket_dir.exists()
+
+    unused = isolation.start_kernel_early()
+    isolation._discard_early_kernel()  # what happens at exit
+    assert unused.process.poll() is not None and not unused.socket_dir.exists()

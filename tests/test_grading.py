@@ -204,21 +204,22 @@ def test_scores_started_before_execution_are_used_only_for_the_same_sources(monk
 
     scored = []
 
-    def fake_trusted_scores(checks, sources, seeds, points, device=None, sandboxed=None):
+    def fake_score(checks, sources, seeds, points, device=None, sandboxed=None):
         scored.append(list(sources))
         return [SimpleNamespace(score=float(len(scored)), points=2.0, message=f"scoring {len(scored)}")]
 
-    def plan(nb, resources):
-        return [(nb.cells[1], "f")], {"checks": [None], "sources": [c.source for c in nb.cells if c.cell_type == "code"][:1],
-                       "seeds": [0], "points": [2.0]}
+    def plan(cells, info):
+        assert info == "the notebook's nbgrader resources"
+        return [(1, "f")], {"checks": [None], "sources": [source for kind, _, source in cells if kind == "code"][:1],
+                            "seeds": [0], "points": [2.0]}
 
-    monkeypatch.setattr(plugin, "trusted_scores", fake_trusted_scores)
+    monkeypatch.setattr(plugin, "_score", fake_score)
     monkeypatch.setattr(plugin, "_scoring_plan", plan)
     monkeypatch.setattr(plugin.isolation, "require_sandbox", lambda: True)
     test_cell = new_code_cell("f()", metadata={"nbgrader": {"grade_id": "test_f", "grade": True}})
     nb = new_notebook(cells=[new_code_cell("def f(): pass", metadata={"nbgrader": {"grade_id": "f"}}), test_cell])
 
-    resources = {}
+    resources = {"nbgrader": "the notebook's nbgrader resources"}
     nb, resources = plugin.StartTrustedScores().preprocess(nb, resources)
     nb, resources = plugin.TrustedScores().preprocess(nb, resources)
     assert scored == [["def f(): pass"]] and nb.cells[1].outputs[0]["text"] == "scoring 1\n"

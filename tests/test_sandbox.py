@@ -275,3 +275,50 @@ def test_no_check_pays_for_evidence_the_graded_code_could_forge():
                   for key, outcome in expected.items()}
         report = check.evaluate(props, expected, forged)
         assert report.score == check.points, (name, report.failed)
+
+
+def test_the_grading_command_reaches_the_kernel_before_it_imports_pytorch():
+    """What runs before the notebook's kernel starts (the command, the course, nbgrader's
+    settings and the course's preprocessors, the sandbox) does not import PyTorch: the
+    grader imports it in the scoring thread, beside the kernel (benchmarks/run.py times
+    the whole)."""
+    code = ("import sys\n"
+            "import cs_helpers, cs_helpers.cli, cs_helpers.course, cs_helpers.execution\n"
+            "from cs_helpers.grading import feedback, isolation, nbgrader_plugin, nbgrader_settings\n"
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_the_setup_cell_imports_are_what_the_grading_server_loads_before_it_forks():
+    from cs_helpers.grading.sandbox import setup_imports
+
+    assert setup_imports("import math\n\nimport numpy as np\nimport torch.nn.functional as F\n"
+                         "from cs_helpers import grading, viz\nfrom cs_helpers.data import *\n"
+                         "from . import local\nimport math\n") == [
+        "math", "numpy", "torch.nn.functional", "cs_helpers", "cs_helpers.grading", "cs_helpers.viz",
+        "cs_helpers.data"]
+    assert setup_imports("def broken(:\n") == []
+
+
+@needs_sandbox
+def test_modules_loaded_before_the_fork_are_there_and_bad_names_cost_nothing():
+    """The server imports the setup cell's modules once; each function's process finds
+    them loaded. A name that is no module is skipped, and the function is scored as
+    usual."""
+    from cs_helpers.grading import get_check
+    from cs_helpers.grading.sandbox import run_student_functions
+
+    source = ("import sys\n"
+              "LOADED = 'tabnanny' in sys.modules\n"
+              "def normalize_filters(weights):\n"
+              "    lo = weights.amin(dim=(1, 2, 3), keepdim=True)\n"
+              "    hi = weights.amax(dim=(1, 2, 3), keepdim=True)\n"
+              "    assert LOADED\n"
+              "    return (weights - lo) / (hi - lo).clamp_min(1e-12)\n")
+    check = get_check("normalize_filters")
+    for preimport, loaded in ((["tabnanny", "no_such_module_here", "tabnanny.nothing"], True), ([], False)):
+        _, cases, got, notes = run_student_functions([check], [source], [3], preimport=preimport)[0]
+        assert len(got) == len(cases) and notes == []
+        assert all(o.ok for o in got.values()) is loaded, [o.error for o in got.values()]

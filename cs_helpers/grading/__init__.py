@@ -20,11 +20,27 @@ grading, and returns None, never a number that could pass for a grade.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
+import typing
 import warnings
 
-from .core import Check, Report, SelfCheckReport
-from .registry import get_check, hidden_seed, load_all
+if typing.TYPE_CHECKING:
+    from .core import Check, Report, SelfCheckReport
+
+# Imported on first use: the checks import PyTorch, and the grading command reaches
+# this package (its nbgrader settings, the sandbox) well before it needs them.
+_LAZY = {"Check": "core", "Report": "core", "SelfCheckReport": "core",
+         "get_check": "registry", "hidden_seed": "registry", "load_all": "registry"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["Check", "Report", "SelfCheckReport", "get_check", "has_reference", "hidden_seed", "load_all", "score",
            "self_check"]
@@ -40,6 +56,8 @@ def score(name: str, func, seed: int | None = None, *, device=None, quiet: bool 
     never writes to stderr: anything the student's function raises or prints is
     contained.
     """
+    from .registry import get_check, hidden_seed
+
     try:
         check = get_check(name)
     except Exception:
@@ -77,6 +95,8 @@ def self_check(name: str, func, seed: int | None = None, *, device=None) -> Self
     """The properties of ``name``'s check that need no reference, run on ``func`` in
     this process: a :class:`SelfCheckReport` (no score; the properties that need the
     reference listed as waiting for grading). Raises ``KeyError`` for an unknown name."""
+    from .registry import get_check
+
     check = get_check(name)
     return _self_check(check, func, _self_check_seed(name) if seed is None else seed, device)
 
@@ -84,6 +104,8 @@ def self_check(name: str, func, seed: int | None = None, *, device=None) -> Self
 def _self_check_seed(name: str) -> int:
     """The public seed (no course secret: the self-check's cases hide nothing, and
     looking for a secret must not leave a file in the student's installation)."""
+    from .registry import hidden_seed
+
     return hidden_seed(name, secret=b"")
 
 

@@ -18,6 +18,7 @@ Nothing the child computes is trusted.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import json
 import os
@@ -193,6 +194,13 @@ def main(job_dir: str) -> int:
     torch.set_num_threads(1)
     job["threads"] = threads
     device = torch.device(job["device"])
+    # The modules the instructor's setup cell imports (job["preimport"]), loaded once
+    # here so that no function's process imports them again.
+    for name in job.get("preimport", []):
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - a name that is not a module, or a missing one
+            pass
     cache: dict = {}
     prepared = []
     for index in range(len(job["functions"])):

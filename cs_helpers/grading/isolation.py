@@ -34,6 +34,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,6 +112,7 @@ def _probe(bwrap: str) -> str | None:
 
 def sandbox_problem() -> str | None:
     """Why no sandbox can be started here, or None when one can."""
+    _wait_for_warm_up()
     if not sys.platform.startswith("linux"):
         return f"the grading sandbox needs Linux namespaces; this is {sys.platform}"
     bwrap = _bwrap()
@@ -137,8 +139,14 @@ def require_sandbox() -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=None)
 def student_package() -> Path:
+    """A folder holding a student build of ``cs_helpers`` (:func:`_student_package`)."""
+    _wait_for_warm_up()
+    return _student_package()
+
+
+@functools.lru_cache(maxsize=None)
+def _student_package() -> Path:
     """A folder holding a student build of ``cs_helpers``: the installed package
     without ``cs_helpers.reference`` and without compiled caches. Built once per
     process, removed at exit; mounted read-only at :data:`PACKAGE_MOUNT`."""
@@ -151,8 +159,14 @@ def student_package() -> Path:
     return root
 
 
-@functools.lru_cache(maxsize=None)
 def _matplotlib_font_cache() -> Path | None:
+    """matplotlib's font list for the sandboxes (:func:`_build_matplotlib_font_cache`)."""
+    _wait_for_warm_up()
+    return _build_matplotlib_font_cache()
+
+
+@functools.lru_cache(maxsize=None)
+def _build_matplotlib_font_cache() -> Path | None:
     """matplotlib's font list, built once per grader process (trusted code, no student
     input) and bound read-only into every sandbox, which would otherwise rebuild it in
     its empty ``MPLCONFIGDIR`` each time (seconds per process)."""
@@ -171,6 +185,50 @@ def _matplotlib_font_cache() -> Path | None:
     built[0].chmod(0o644)
     folder.chmod(0o755)
     return built[0]
+
+
+_warm_up: threading.Thread | None = None
+_warm_up_lock = threading.Lock()
+_warmed_up = threading.Event()
+
+
+def warm_up(start_kernel: bool = False) -> None:
+    """Starts preparing, in a background thread, what every sandbox needs: the probe,
+    the student build of the package and matplotlib's font list (about 0.4 s, mostly a
+    child process), then with ``start_kernel`` the first notebook's kernel
+    (:func:`start_kernel_early`). The grading command calls it first, so that this
+    overlaps the grader's own imports on another core; the functions that need a piece
+    wait for it."""
+    global _warm_up
+    with _warm_up_lock:
+        if _warm_up is None:
+            _warm_up = threading.Thread(target=_prepare, args=(start_kernel,), name="cs-helpers-sandbox-warm-up",
+                                        daemon=True)
+            _warm_up.start()
+
+
+def _prepare(start_kernel: bool) -> None:
+    try:
+        _student_package()
+        _build_matplotlib_font_cache()
+        bwrap = _bwrap()
+        if sys.platform.startswith("linux") and bwrap is not None and not unsandboxed_allowed():
+            _probe(bwrap)
+    except Exception:  # nothing is cached then: the caller that needs the piece builds it and raises
+        return
+    finally:
+        _warmed_up.set()
+    if start_kernel:
+        kernel = start_kernel_early()
+        if kernel is not None:
+            # bwrap's --die-with-parent ends the sandbox when the thread that started it
+            # ends: this thread stays until the kernel has exited.
+            kernel.process.wait()
+
+
+def _wait_for_warm_up() -> None:
+    if _warm_up is not None and threading.current_thread() is not _warm_up:
+        _warmed_up.wait()
 
 
 def _python_roots() -> list[Path]:
@@ -298,37 +356,144 @@ def private_dir(prefix: str) -> Path:
 
 # -- nbgrader's execution of the notebook, in the sandbox ------------------------------
 
+def _kernel_argv(connection_file: str, socket_dir: Path) -> tuple[list[str], Limits]:
+    """The command that starts an IPython kernel in the sandbox, reading
+    ``connection_file`` and binding its ``ipc`` sockets in ``socket_dir``."""
+    argv = [sys.executable, "-m", "ipykernel_launcher", "-f", connection_file]
+    limits = Limits(memory_gb=float(os.environ.get("CS_HELPERS_KERNEL_MEMORY_GB", "8")), cpu_s=3600)
+    return wrap(argv, binds=((socket_dir, socket_dir, True),), limits=limits), limits
+
+
+@dataclass
+class _StartedKernel:
+    """A sandboxed kernel started ahead of its manager (:func:`start_kernel_early`)."""
+
+    socket_dir: Path
+    connection_file: str
+    process: subprocess.Popen
+
+    def discard(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()  # bwrap's death takes the sandbox with it
+            self.process.wait()
+        shutil.rmtree(self.socket_dir, ignore_errors=True)
+
+
+_early_kernel: _StartedKernel | None = None
+_early_kernel_lock = threading.Lock()
+
+
+def start_kernel_early() -> _StartedKernel | None:
+    """Starts the next notebook's sandboxed kernel now, in the background: the next
+    :class:`SandboxedKernelManager` takes it over instead of starting one, so that the
+    kernel's start (the sandbox, Python, IPython: about a second on the course's 2-core
+    machine) overlaps the grader's own work before the execution (its imports,
+    ``generate_assignment``, nbgrader's preparation of the submission) on another core.
+    At most one kernel waits; one never taken over is stopped at exit. Does nothing
+    where no sandbox is required, and nothing happens when it cannot start: the manager
+    then starts its kernel as usual and reports the problem. Returns the kernel it
+    started, if any: the calling thread must outlive it (bwrap's ``--die-with-parent``
+    follows the thread that started the sandbox)."""
+    global _early_kernel
+    if unsandboxed_allowed():
+        return None
+    with _early_kernel_lock:
+        if _early_kernel is not None:
+            return None
+        try:
+            from jupyter_client.connect import write_connection_file
+            from jupyter_client.launcher import launch_kernel
+
+            if sandbox_problem() is not None:
+                return None
+            socket_dir = private_dir("cs-kernel-")
+            connection_file, _ = write_connection_file(
+                str(socket_dir / "connection.json"), ip=str(socket_dir / "kernel"), transport="ipc",
+                kernel_name="python3")
+            if os.geteuid() == 0:  # the kernel runs as nobody and must read its key
+                os.chown(connection_file, SANDBOX_UID, SANDBOX_UID)
+            argv, limits = _kernel_argv(connection_file, socket_dir)
+            process = launch_kernel(argv, env=os.environ.copy(), preexec_fn=limits.apply)
+        except Exception:  # noqa: BLE001 - the regular start reports what is wrong
+            return None
+        _early_kernel = _StartedKernel(socket_dir, connection_file, process)
+        if not getattr(start_kernel_early, "_at_exit", False):
+            atexit.register(_discard_early_kernel)
+            start_kernel_early._at_exit = True
+        return _early_kernel
+
+
+def _take_early_kernel() -> _StartedKernel | None:
+    global _early_kernel
+    with _early_kernel_lock:
+        kernel, _early_kernel = _early_kernel, None
+    if kernel is not None and kernel.process.poll() is not None:  # it died while waiting
+        kernel.discard()
+        return None
+    return kernel
+
+
+def _discard_early_kernel() -> None:
+    kernel = _take_early_kernel()
+    if kernel is not None:
+        kernel.discard()
+
+
 def _kernel_manager_class():
     from jupyter_client.manager import AsyncKernelManager
+    from jupyter_client.provisioning import LocalProvisioner
 
     class SandboxedKernelManager(AsyncKernelManager):
         """A Jupyter kernel inside the sandbox, reached over ``ipc`` sockets in a
-        folder bound into it (the sandbox has no network to share with the grader)."""
+        folder bound into it (the sandbox has no network to share with the grader).
+        It takes over a kernel started early (:func:`start_kernel_early`) when one
+        waits."""
 
         def __init__(self, **kwargs):
             super().__init__(**kwargs)
-            self._socket_dir = private_dir("cs-kernel-")
             self.transport = "ipc"
-            self.ip = str(self._socket_dir / "kernel")
-            self.connection_file = str(self._socket_dir / "connection.json")
+            self._early = None
+            if getattr(self, "transport_encryption", "disabled") == "disabled":
+                self._early = _take_early_kernel()
+            if self._early is not None:
+                self._socket_dir = self._early.socket_dir
+                self.connection_file = self._early.connection_file
+                self.load_connection_file()  # its ip, ports and key
+                self._connection_file_written = True  # the kernel has read it: keep it as it is
+            else:
+                self._socket_dir = private_dir("cs-kernel-")
+                self.ip = str(self._socket_dir / "kernel")
+                self.connection_file = str(self._socket_dir / "connection.json")
 
         def write_connection_file(self, **kwargs):
             result = super().write_connection_file(**kwargs)
-            if os.geteuid() == 0:  # the kernel runs as nobody and must read its key
+            if os.geteuid() == 0 and self._early is None:  # the kernel runs as nobody and must read its key
                 os.chown(self.connection_file, SANDBOX_UID, SANDBOX_UID)
             return result
 
         def format_kernel_cmd(self, extra_arguments=None):
-            argv = [sys.executable, "-m", "ipykernel_launcher", "-f", self.connection_file]
-            limits = Limits(memory_gb=float(os.environ.get("CS_HELPERS_KERNEL_MEMORY_GB", "8")),
-                            cpu_s=3600)
-            self._limits = limits
-            return wrap(argv, binds=((self._socket_dir, self._socket_dir, True),), limits=limits)
+            argv, self._limits = _kernel_argv(self.connection_file, self._socket_dir)
+            return argv
 
         async def _async_launch_kernel(self, kernel_cmd, **kw):
+            early, self._early = self._early, None
+            if early is not None and isinstance(self.provisioner, LocalProvisioner) \
+                    and early.process.poll() is None:
+                # Take over the running process, as LocalProvisioner.launch_kernel
+                # records the one it starts.
+                provisioner = self.provisioner
+                provisioner.process = early.process
+                provisioner.pid = early.process.pid
+                provisioner.pgid = os.getpgid(early.process.pid)
+                provisioner.cwd = HOME
+                self._reconcile_connection_info(provisioner.connection_info)
+                return
+            if early is not None:  # it died, or another provisioner: start afresh, same connection file
+                if early.process.poll() is None:
+                    early.process.kill()
+                    early.process.wait()
             kw.pop("cwd", None)  # the sandbox starts in its private HOME
-            limits = getattr(self, "_limits", Limits())
-            kw["preexec_fn"] = limits.apply
+            kw["preexec_fn"] = getattr(self, "_limits", Limits()).apply
             return await super()._async_launch_kernel(kernel_cmd, **kw)
 
         async def _async_cleanup_resources(self, restart=False):

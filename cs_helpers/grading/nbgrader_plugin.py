@@ -21,8 +21,11 @@ while the kernel executes the notebook, each in its own sandbox; :class:`Trusted
 waits for it. Nothing is shared between the two sandboxes, and the scores are the same
 as when computed afterwards.
 
-Importing this module imports every check and reference, so that the grader holds its
-own code in memory before any student code runs.
+Importing this module does not import PyTorch: the scoring thread imports the checks and
+every reference implementation (:func:`preload`) before it starts the grading server, so
+that the grader's PyTorch import overlaps the kernel's start instead of delaying it. The
+student's kernel cannot change what the grader imports: its sandbox mounts the Python
+installation read-only and does not see the package's reference at all.
 """
 from __future__ import annotations
 
@@ -34,8 +37,7 @@ from nbgrader.preprocessors import Execute, NbGraderPreprocessor
 from traitlets import Bool, Unicode
 
 from ..execution import SlicedReplyWait
-from . import isolation, registry
-from .sandbox import trusted_scores
+from . import isolation
 
 SETUP_CELL_ID = "setup"
 KERNEL_DIED = ("The kernel stopped while running this cell (the code ended the process, "
@@ -47,6 +49,8 @@ def preload() -> None:
     """Imports every check and every reference implementation now."""
     import importlib
 
+    from . import registry
+
     for name, check in registry.load_all().items():
         try:
             importlib.import_module(f"cs_helpers.reference.{check.topic}")
@@ -54,7 +58,11 @@ def preload() -> None:
             pass
 
 
-preload()
+def _score(**kwargs):
+    """:func:`cs_helpers.grading.sandbox.trusted_scores` (imported on first use)."""
+    from .sandbox import trusted_scores
+
+    return trusted_scores(**kwargs)
 
 
 def _grade_id(cell) -> str | None:
@@ -88,11 +96,20 @@ class SandboxedExecute(SlicedReplyWait, Execute):
         return super().preprocess_cell(cell, resources, index)
 
 
-def _scoring_plan(nb, resources) -> tuple[list[tuple], dict]:
-    """The test cells of ``nb`` whose function has a check, as ``(cell, name)`` in
-    notebook order, and the keyword arguments of
+def _cells(nb) -> list[tuple[str, str | None, str]]:
+    """``(cell_type, grade_id, source)`` of every cell of ``nb``: what the scoring
+    depends on, copied so that a thread can plan while the kernel fills in outputs."""
+    return [(cell.cell_type, _grade_id(cell), cell.source) for cell in nb.cells]
+
+
+def _scoring_plan(cells, info) -> tuple[list[tuple[int, str]], dict]:
+    """For the notebook whose cells are ``cells`` (:func:`_cells`) and nbgrader's
+    ``resources["nbgrader"]`` ``info``: the test cells whose function has a check, as
+    ``(cell index, function name)`` in notebook order, and the keyword arguments of
     :func:`cs_helpers.grading.sandbox.trusted_scores` that score those functions."""
-    info = resources["nbgrader"]
+    from . import registry
+    from .sandbox import setup_imports
+
     with Gradebook(info["db_url"]) as gb:
         source_nb = gb.find_notebook(info["notebook"], info["assignment"])
         sources = {c.name: c for c in source_nb.source_cells}
@@ -100,31 +117,38 @@ def _scoring_plan(nb, resources) -> tuple[list[tuple], dict]:
         solution_ids = {c.name for c in source_nb.solution_cells
                         if sources.get(c.name) is not None and sources[c.name].cell_type == "code"}
     setup = sources[SETUP_CELL_ID].source if SETUP_CELL_ID in sources else ""
-    student_cells = [cell.source for cell in nb.cells
-                     if cell.cell_type == "code" and _grade_id(cell) in solution_ids]
+    student_cells = [source for cell_type, grade_id, source in cells
+                     if cell_type == "code" and grade_id in solution_ids]
     secret = registry.course_secret()
     checks = registry.load_all()
-    graded = [(cell, _grade_id(cell)[len("test_"):]) for cell in nb.cells
-              if cell.cell_type == "code" and (_grade_id(cell) or "").startswith("test_")]
-    graded = [(cell, name) for cell, name in graded if name in checks and f"test_{name}" in max_scores]
+    graded = [(index, grade_id[len("test_"):]) for index, (cell_type, grade_id, _) in enumerate(cells)
+              if cell_type == "code" and (grade_id or "").startswith("test_")]
+    graded = [(index, name) for index, name in graded if name in checks and f"test_{name}" in max_scores]
     names = [name for _, name in graded]
     return graded, {"checks": [checks[name] for name in names], "sources": [setup, *student_cells],
                    "seeds": [registry.hidden_seed(name, secret) for name in names],
-                   "points": [max_scores[f"test_{name}"] for name in names]}
+                   "points": [max_scores[f"test_{name}"] for name in names],
+                   "preimport": setup_imports(setup)}
 
 
 class _Scoring(threading.Thread):
-    """:func:`trusted_scores` in a thread; ``result()`` waits for it and returns its
-    reports, or raises what it raised."""
+    """Plans and scores in a thread (:func:`preload`, :func:`_scoring_plan`,
+    :func:`_score`). ``join()``, then ``plan`` is ``(names, sources)`` of what it
+    scored (None if planning failed) and ``result()`` returns the reports or raises
+    what the thread raised."""
 
-    def __init__(self, names, kwargs):
+    def __init__(self, cells, info, device, sandboxed):
         super().__init__(name="cs-helpers-trusted-scores", daemon=True)
-        self.names, self.kwargs = names, kwargs
+        self.cells, self.info, self.device, self.sandboxed = cells, info, device, sandboxed
+        self.plan = None
         self._reports, self._error = None, None
 
     def run(self):
         try:
-            self._reports = trusted_scores(**self.kwargs)
+            preload()
+            graded, kwargs = _scoring_plan(self.cells, self.info)
+            self.plan = ([name for _, name in graded], kwargs["sources"])
+            self._reports = _score(**kwargs, device=self.device, sandboxed=self.sandboxed)
         except BaseException as exc:  # handed to the thread that waits for the result
             self._error = exc
 
@@ -148,8 +172,7 @@ class StartTrustedScores(NbGraderPreprocessor):
     def preprocess(self, nb, resources):
         if not self.enabled:
             return nb, resources
-        graded, kwargs = _scoring_plan(nb, resources)
-        scoring = _Scoring([name for _, name in graded], {**kwargs, "device": self.device or None, "sandboxed": isolation.require_sandbox()})
+        scoring = _Scoring(_cells(nb), resources["nbgrader"], self.device or None, isolation.require_sandbox())
         scoring.start()
         resources.setdefault("cs_helpers", {})[_EARLY_SCORING] = scoring
         return nb, resources
@@ -167,25 +190,26 @@ class TrustedScores(NbGraderPreprocessor):
         if not self.enabled:
             return nb, resources
         early = resources.get("cs_helpers", {}).pop(_EARLY_SCORING, None)
-        graded, kwargs = _scoring_plan(nb, resources)
+        device = self.device or None
+        if early is not None:
+            early.join()
+        preload()
+        graded, kwargs = _scoring_plan(_cells(nb), resources["nbgrader"])
         names = [name for _, name in graded]
-        if early is not None and early.names == names and early.kwargs["sources"] == kwargs["sources"] \
-                and early.kwargs["device"] == (self.device or None):
+        if early is not None and early.plan == (names, kwargs["sources"]) and early.device == device:
             reports = early.result()
-        else:
-            if early is not None:
-                early.join()  # sources changed since it started: score them again, one scoring at a time
-            reports = trusted_scores(**kwargs, device=self.device or None, sandboxed=isolation.require_sandbox())
+        else:  # the sources changed since it started (or it could not plan): score them again
+            reports = _score(**kwargs, device=device, sandboxed=isolation.require_sandbox())
         died_in = resources.get("cs_helpers", {}).get("kernel_died_in_cell")
-        positions = {id(cell): i for i, cell in enumerate(nb.cells)}
         told = False
-        for (cell, name), report in zip(graded, reports):
+        for (index, name), report in zip(graded, reports):
+            cell = nb.cells[index]
             self.log.info("Trusted score of %s: %s / %s", name, report.score, report.points)
             count = cell.get("execution_count") or 1
             note = ""
-            if died_in is not None and not told and positions[id(cell)] >= died_in:
+            if died_in is not None and not told and index >= died_in:
                 told = True  # said once, in the graded cell where the kernel stopped or the first after it
-                note = (KERNEL_DIED if positions[id(cell)] == died_in else
+                note = (KERNEL_DIED if index == died_in else
                         f"The kernel stopped while running cell {died_in + 1} of the notebook, before this one; "
                         "the cells after it were not run. Every graded function is still scored on its own.") + "\n"
             cell.outputs = [

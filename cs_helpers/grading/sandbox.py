@@ -19,6 +19,7 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -134,7 +135,7 @@ def _status_note(status: int, detail: str) -> str:
 
 
 def run_student_functions(checks: list[Check], sources: list[str], seeds: list[int], *, device=None,
-                          sandboxed: bool | None = None) -> list[tuple]:
+                          sandboxed: bool | None = None, preimport: Sequence[str] = ()) -> list[tuple]:
     """Runs the functions ``checks[i].name`` defined by ``sources``, each on the cases of
     its check drawn with ``seeds[i]``, in one sandboxed grading server that forks a
     fresh process per function (:mod:`cs_helpers.grading.child`). A function whose
@@ -142,7 +143,10 @@ def run_student_functions(checks: list[Check], sources: list[str], seeds: list[i
     functions after it. Returns, per check, ``(properties, cases, outcomes by
     id(case), notes)``. ``sandboxed=None`` requires the sandbox unless the instructor
     explicitly allowed grading without one
-    (:func:`cs_helpers.grading.isolation.require_sandbox`)."""
+    (:func:`cs_helpers.grading.isolation.require_sandbox`). ``preimport``: modules the
+    server imports before it forks (the imports of the instructor's setup cell,
+    :func:`setup_imports`), so that each function's process finds them loaded instead
+    of importing them again (matplotlib's pyplot alone takes about 0.4 s)."""
     device = torch.device(device) if device is not None else default_device()
     sandboxed = require_sandbox() if sandboxed is None else sandboxed
     plans = []
@@ -162,6 +166,7 @@ def run_student_functions(checks: list[Check], sources: list[str], seeds: list[i
                                   "wall_s": check.timeout_s + 30.0 * len(sources) + 30})
             (job_dir / "job.json").write_text(json.dumps({
                 "functions": functions, "sources": list(sources), "device": str(device),
+                "preimport": list(preimport),
                 "cell_timeout_s": min(30.0, min(f["call_timeout_s"] for f in functions)),
             }))
             limits = Limits(memory_gb=_memory_gb(device),
@@ -211,6 +216,26 @@ def run_student_function(check: Check, sources: list[str], seed: int, *, device=
     return run_student_functions([check], sources, [seed], device=device, sandboxed=sandboxed)[0]
 
 
+def setup_imports(source: str) -> list[str]:
+    """The absolute modules that the cell ``source`` imports, in order: ``import a.b``
+    gives ``a.b``; ``from a import b, c`` gives ``a``, ``a.b`` and ``a.c`` (names that
+    are not modules fail to import in the server and are skipped there). Nothing for a
+    cell that does not parse."""
+    import ast
+
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return []
+    names: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names += [node.module] + [f"{node.module}.{alias.name}" for alias in node.names if alias.name != "*"]
+    return list(dict.fromkeys(names))
+
+
 def _safe_detail(line: str) -> bool:
     # Only a short reason from the interpreter (MemoryError, Killed), never a traceback.
     return line.startswith(("MemoryError", "RecursionError", "Killed")) or "limit" in line
@@ -238,10 +263,11 @@ def trusted_score(check: Check, sources: list[str], seed: int, points: float | N
 
 
 def trusted_scores(checks: list[Check], sources: list[str], seeds: list[int], points: list, *,
-                   device=None, sandboxed: bool | None = None) -> list[Report]:
+                   device=None, sandboxed: bool | None = None, preimport: Sequence[str] = ()) -> list[Report]:
     """The scores of several functions of one submission: one grading server, one fresh
     process per function, each compared with the reference here."""
-    runs = run_student_functions(checks, sources, seeds, device=device, sandboxed=sandboxed)
+    runs = run_student_functions(checks, sources, seeds, device=device, sandboxed=sandboxed,
+                                 preimport=preimport)
     reports = []
     for check, pts, (props, cases, got, notes) in zip(checks, points, runs):
         expected = reference_outcomes(check, cases, device)
