@@ -487,8 +487,9 @@ def cases_tcav(inputs, settings, folder):
             yield Case("tcav", "directional_derivatives + tcav_score", f"{key} {layer}, batch {n}", ours,
                        {"Captum TCAV (fixed CAV)": captum},
                        lambda m=model, x=x, t=t_all: forward_backward(m, x, t),
-                       notes={"Captum TCAV (fixed CAV)": "Captum also reads its cached concept activations "
-                                                         "and CAV from disk",
+                       notes={"Captum TCAV (fixed CAV)": "both start the graph at the layer (the forward "
+                                                         "pass records nothing below it); Captum also reads "
+                                                         "its cached concept activations and CAV from disk",
                               "": "minimum: one forward-backward pass"},
                        check=lambda ours=ours, captum=captum: {
                            "Captum TCAV (fixed CAV)": "same score" if ours() == captum() else "scores differ"})

@@ -142,13 +142,30 @@ def _layer_gradients(model, layer, images, target, score: str = "logit", where: 
     chunk = images.shape[0] if chunk is None else chunk
     grads = []
     for start in range(0, images.shape[0], chunk):
-        x = images[start:start + chunk].clone().requires_grad_(True)
+        x = images[start:start + chunk]
         with torch.enable_grad():
             if where == "output":
-                with capture(model, module) as record:
+                # The graph starts at the layer: its output becomes a leaf that requires
+                # grad (the images do not), so the forward pass records nothing below it;
+                # the layers above use a copy, which in-place activations may overwrite.
+                seen = {}
+
+                def leaf(_module, _args, output):
+                    if not isinstance(output, torch.Tensor):
+                        raise TypeError(f"layer {layer!r} returns {type(output).__name__}, not a tensor")
+                    if not output.requires_grad:
+                        output.requires_grad_(True)
+                    seen["output"] = output
+                    return output.clone()
+
+                handle = module.register_forward_hook(leaf)
+                try:
                     logits = model(x)
-                act = record.output
+                finally:
+                    handle.remove()
+                act = seen.get("output")
             else:
+                x = x.clone().requires_grad_(True)
                 seen = {}
 
                 def pre(_module, args):
