@@ -417,10 +417,14 @@ def start_kernel_early() -> _StartedKernel | None:
         except Exception:  # noqa: BLE001 - the regular start reports what is wrong
             return None
         _early_kernel = _StartedKernel(socket_dir, connection_file, process)
-        if not getattr(start_kernel_early, "_at_exit", False):
-            atexit.register(_discard_early_kernel)
-            start_kernel_early._at_exit = True
+        _discard_at_exit()
         return _early_kernel
+
+
+@functools.lru_cache(maxsize=None)
+def _discard_at_exit() -> None:
+    """Registers, once, the stop of a kernel started early and never taken over."""
+    atexit.register(_discard_early_kernel)
 
 
 def _take_early_kernel() -> _StartedKernel | None:
@@ -484,7 +488,10 @@ def _kernel_manager_class():
                 provisioner = self.provisioner
                 provisioner.process = early.process
                 provisioner.pid = early.process.pid
-                provisioner.pgid = os.getpgid(early.process.pid)
+                try:
+                    provisioner.pgid = os.getpgid(early.process.pid)
+                except OSError:  # it ended just now: nbgrader's execution reports a dead kernel
+                    provisioner.pgid = None
                 provisioner.cwd = HOME
                 self._reconcile_connection_info(provisioner.connection_info)
                 return
