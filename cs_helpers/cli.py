@@ -42,11 +42,12 @@ def _release(args) -> int:
 def _grade(args) -> int:
     from .grading.isolation import SandboxUnavailable, require_sandbox, unsandboxed_allowed, warm_up
 
-    if not args.no_sandbox and not unsandboxed_allowed():
+    sandboxed = not args.no_sandbox and not unsandboxed_allowed()
+    if sandboxed:
         warm_up(start_kernel=True)  # the sandbox's pieces and the first kernel start while nbgrader imports
     from .course import grade_submission
 
-    if not args.no_sandbox and not unsandboxed_allowed():
+    if sandboxed:
         try:
             require_sandbox()
         except SandboxUnavailable as exc:

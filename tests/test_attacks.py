@@ -306,6 +306,45 @@ def test_cs_helpers_grade_gives_the_same_scores(graded_course, student, tmp_path
     assert {c["grade_id"]: c["score"] for c in result.cells} == STUDENTS[student][1]
 
 
+def test_one_command_grades_attackers_and_the_student_after_them_apart(tmp_path, monkeypatch, capsys):
+    """`cs-helpers grade` on several submissions starts each kernel while it prepares that
+    submission (the first one in the background while it imports) and takes it over: a
+    kernel that plants files, copies the reference or ends itself costs only its own
+    submission, and the honest one graded after them, in a kernel of its own, earns
+    everything. No kernel is left waiting afterwards."""
+    from cs_helpers import course
+    from cs_helpers.cli import main
+
+    source = tmp_path / "notebooks" / "01_ps1" / NOTEBOOK
+    source.parent.mkdir(parents=True)
+    nbformat.write(_source_notebook(), source)
+    monkeypatch.setattr(course, "find_source", lambda submission, notebooks_dir=None: source)
+    order = ["mallory", "crash", "trudy", "bob"]
+    paths = []
+    for student in order:
+        path = tmp_path / student / NOTEBOOK
+        path.parent.mkdir()
+        nbformat.write(STUDENTS[student][0](tmp_path / "course-that-does-not-exist"), path)
+        paths.append(str(path))
+    taken = []
+    take = isolation._take_early_kernel
+
+    def recorded():
+        kernel = take()
+        if kernel is not None:
+            taken.append(kernel.process.pid)
+        return kernel
+
+    monkeypatch.setattr(isolation, "_take_early_kernel", recorded)
+    startup = Path.home() / ".ipython" / "profile_default" / "startup" / "00-cs-attack.py"
+    assert main(["grade", *paths, "--json"]) == 0
+    reports = json.loads(capsys.readouterr().out)["notebooks"]
+    assert [{c["grade_id"]: c["score"] for c in r["cells"]} for r in reports] == [STUDENTS[s][1] for s in order]
+    assert len(taken) == len(order) == len(set(taken))  # a fresh kernel, started early, for each
+    assert isolation._take_early_kernel() is None
+    assert not startup.exists() and not (tmp_path / "stolen_reference.py").exists()
+
+
 def test_points_in_the_gradebook_from_anyone_but_the_grader_are_refused(tmp_path, monkeypatch):
     """The sandbox keeps the gradebook out of a student's reach; should anything else
     write points into the fresh gradebook all the same (here: a compromised autograde

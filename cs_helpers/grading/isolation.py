@@ -417,14 +417,7 @@ def start_kernel_early() -> _StartedKernel | None:
         except Exception:  # noqa: BLE001 - the regular start reports what is wrong
             return None
         _early_kernel = _StartedKernel(socket_dir, connection_file, process)
-        _discard_at_exit()
         return _early_kernel
-
-
-@functools.lru_cache(maxsize=None)
-def _discard_at_exit() -> None:
-    """Registers, once, the stop of a kernel started early and never taken over."""
-    atexit.register(_discard_early_kernel)
 
 
 def _take_early_kernel() -> _StartedKernel | None:
@@ -441,6 +434,9 @@ def _discard_early_kernel() -> None:
     kernel = _take_early_kernel()
     if kernel is not None:
         kernel.discard()
+
+
+atexit.register(_discard_early_kernel)  # a kernel started early and never taken over
 
 
 def _kernel_manager_class():
